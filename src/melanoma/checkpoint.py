@@ -1,0 +1,92 @@
+"""Checkpoints and run files, written atomically and read back without executing pickles.
+
+Every file is written to a temporary sibling and renamed over the target, so a run killed
+mid-write leaves the previous complete file (or none), never a truncated one that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from melanoma.errors import WeightsError
+
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a table as CSV without its index, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, epoch: int,
+                    metrics: dict, **extra: Any) -> None:
+    """Save a model checkpoint: weights, the resolved run config, the epoch and its metrics.
+
+    Args:
+        path: where to write, e.g. ``fold0/best.pt``.
+        model: the model whose state dict is saved.
+        config: the resolved run config as plain containers.
+        epoch: the epoch the weights come from (1-based).
+        metrics: validation metrics of those weights.
+        **extra: further plain values to store (fold index, ...).
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format_version": FORMAT_VERSION, "model": state, "config": config,
+               "epoch": epoch, "metrics": metrics, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        WeightsError: the file is missing, truncated, not a checkpoint, carries code, or has
+            another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a loadable checkpoint ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]}); it may be truncated or carry code") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise WeightsError(f"{path} is not a melanoma checkpoint (no model state)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise WeightsError(f"{path} has checkpoint format {version}, this melanoma reads {FORMAT_VERSION}")
+    return payload

@@ -1,0 +1,1 @@
+"""Hydra config tree of melanoma (a package so Hydra finds it in an installed wheel)."""

@@ -1,0 +1,253 @@
+"""Finding images on disk, reading them safely, and feeding them to a model.
+
+Every layout is turned into one table of records (``path, label, split``) so that folds,
+training and evaluation never care where the images came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from melanoma.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+Layout = Literal["kaggle", "folder", "csv"]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLITS = ("train", "test")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files in ``folder``, sorted; stray files (.DS_Store, Thumbs.db, ...) are left out."""
+    files, stray = [], []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(path)
+        elif path.is_file():
+            stray.append(path.name)
+    if stray:
+        log.info("ignored %d non-image file(s) in %s: %s", len(stray), folder, ", ".join(stray[:5]))
+    return files
+
+
+def _class_folders(root: Path, classes: tuple[str, str], split: str) -> list[dict]:
+    """Records of ``root/<class>/*`` for both classes; the last class is the positive one."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise DataError(
+            f"{root} has no folder {missing[0]!r} (found: {', '.join(found) or 'none'}); "
+            f"set data.classes=[NEGATIVE,POSITIVE] to the class folder names"
+        )
+    rows = []
+    for label, cls in enumerate(classes):
+        images = _list_images(root / cls)
+        if not images:
+            raise DataError(f"{root / cls} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                            "add images or point data.root elsewhere")
+        rows += [{"path": str(p), "label": label, "split": split} for p in images]
+    return rows
+
+
+def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str]) -> list[dict]:
+    """Records of a CSV manifest with ``path,label`` and an optional ``split`` column."""
+    if not manifest.is_file():
+        raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for column in ("path", "label"):
+        if column not in table.columns:
+            raise DataError(f"{manifest} has no {column!r} column (columns: {', '.join(table.columns)}); "
+                            "the manifest needs path,label and optionally split")
+    base = root if root is not None else manifest.parent
+    names = {c.lower(): i for i, c in enumerate(classes)} | {"0": 0, "1": 1}
+    rows = []
+    for line, rec in enumerate(table.to_dict("records"), start=2):
+        label = names.get(rec["label"].strip().lower())
+        if label is None:
+            raise DataError(f"{manifest}:{line}: label {rec['label']!r} is not one of "
+                            f"0, 1, {classes[0]}, {classes[1]}; fix the row or set data.classes")
+        split = rec.get("split", "train").strip().lower() or "train"
+        if split not in SPLITS:
+            raise DataError(f"{manifest}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
+        path = Path(rec["path"])
+        rows.append({"path": str(path if path.is_absolute() else base / path), "label": label, "split": split})
+    return rows
+
+
+def load_records(
+    layout: Layout,
+    root: str | Path | None,
+    classes: tuple[str, str] = ("benign", "malignant"),
+    manifest: str | Path | None = None,
+) -> pd.DataFrame:
+    """Find every image of a dataset.
+
+    Args:
+        layout: ``kaggle`` (``root/{train,test}/<class>/``), ``folder`` (``root/<class>/``, all
+            training data) or ``csv`` (a manifest of ``path,label[,split]``).
+        root: the dataset folder; for ``csv`` the base of relative paths (default: the
+            manifest's folder).
+        classes: negative and positive class names, as folder names or manifest labels.
+        manifest: the CSV file, for the ``csv`` layout.
+
+    Returns:
+        One row per image: ``path`` (str), ``label`` (0 or 1), ``split`` (``train``/``test``).
+
+    Raises:
+        DataError: a folder or file is missing, empty, or does not match the layout.
+    """
+    classes = tuple(classes)
+    if len(classes) != 2:
+        raise ConfigError(f"data.classes={list(classes)} must name exactly two classes, negative first")
+    if layout == "csv":
+        if manifest is None:
+            raise ConfigError("data=csv needs data.manifest=PATH to a CSV with path,label[,split] columns")
+        rows = _read_manifest(Path(manifest).expanduser(), Path(root).expanduser() if root else None, classes)
+        return pd.DataFrame(rows, columns=["path", "label", "split"])
+    if layout not in ("kaggle", "folder"):
+        raise ConfigError(f"data.layout={layout!r} is not one of kaggle, folder, csv")
+    if root is None or not Path(root).expanduser().is_dir():
+        raise DataError(f"data.root={root} is not a folder; set data.root=PATH to the dataset, "
+                        "or try the built-in synthetic set with data=demo")
+    root = Path(root).expanduser()
+    if layout == "folder":
+        rows = _class_folders(root, classes, "train")
+    else:
+        if not (root / "train").is_dir():
+            raise DataError(f"{root} has no train/ folder; the kaggle layout is ROOT/train/<class>/ and "
+                            "ROOT/test/<class>/ (use data=folder for ROOT/<class>/)")
+        rows = _class_folders(root / "train", classes, "train")
+        if (root / "test").is_dir():
+            rows += _class_folders(root / "test", classes, "test")
+        else:
+            log.warning("%s has no test/ folder: only the training split is available", root)
+    return pd.DataFrame(rows, columns=["path", "label", "split"])
+
+
+def split_records(records: pd.DataFrame, split: str, classes: tuple[str, str]) -> pd.DataFrame:
+    """The rows of one split, checked to hold both classes.
+
+    Raises:
+        DataError: the split is empty or holds only one class.
+    """
+    part = records[records["split"] == split].reset_index(drop=True)
+    if part.empty:
+        raise DataError(f"the dataset has no {split} images; check data.root and the layout")
+    present = sorted(set(part["label"]))
+    if len(present) < 2:
+        raise DataError(f"the {split} split holds only {classes[present[0]]!r} images ({len(part)}); "
+                        f"both {classes[0]!r} and {classes[1]!r} are needed")
+    return part
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image as 8-bit RGB, upright as its EXIF orientation says.
+
+    Grayscale, palette, RGBA, CMYK and 16-bit images are converted; transparency is dropped.
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+            arr = np.asarray(img, dtype=np.uint32)
+            img = Image.fromarray((arr >> 8 if arr.max() > 255 else arr).astype(np.uint8))
+        elif img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+def _check_image(path: str) -> str | None:
+    """None if the image decodes fully, else the reason it does not."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
+            img.load()
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def scan_images(paths: list[str], on_bad_file: Literal["error", "skip"] = "error",
+                workers: int | None = None) -> list[tuple[str, str]]:
+    """Decode every image once before training, so a bad file fails in seconds, not hours.
+
+    Args:
+        paths: image files to check.
+        on_bad_file: ``error`` raises on the first bad file; ``skip`` logs each and returns them.
+        workers: threads to decode with (PIL releases the GIL while decoding).
+
+    Returns:
+        ``(path, reason)`` for each file that could not be read.
+
+    Raises:
+        DataError: with ``on_bad_file=error``, naming the first bad file.
+    """
+    if on_bad_file not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_file={on_bad_file!r} is not one of error, skip")
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(_check_image, paths))
+    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+    if bad and on_bad_file == "error":
+        path, reason = bad[0]
+        raise DataError(f"{path} is not a readable image ({reason}); remove or replace it, or set "
+                        f"data.on_bad_file=skip ({len(bad)} bad file(s) in all)")
+    for path, reason in bad:
+        log.warning("skipping %s: %s", path, reason)
+    return bad
+
+
+class ImageDataset(Dataset):
+    """Images and 0/1 labels from a list of paths, transformed on the fly."""
+
+    def __init__(self, paths: list[str], labels: list[int], transform: Callable | None = None) -> None:
+        self.paths = list(paths)
+        self.labels = list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = load_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.tensor(self.labels[index], dtype=torch.float32)
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """``auto`` leaves one core to the training loop; an integer is used as is."""
+    if num_workers == "auto":
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers!r} must be auto or an integer >= 0")
+    return num_workers
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that shuffles reproducibly from ``seed`` when training.
+
+    Worker processes are seeded by torch from the loader's generator, so augmentations
+    repeat exactly across runs with the same seed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,  # a batch of one breaks BatchNorm
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )

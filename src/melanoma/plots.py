@@ -1,0 +1,94 @@
+"""Figures of a run, each a pure function of the run directory's files.
+
+``plot_run(RUN_DIR)`` redraws every figure from ``oof_predictions.csv`` and
+``fold*/history.csv`` without retraining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+from melanoma.checkpoint import atomic_path
+
+CLASS_NAMES = ("benign", "malignant")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)
+
+
+def plot_confusion_matrix(labels: Sequence[int], probs: Sequence[float], path: str | Path,
+                          threshold: float = 0.5, title: str = "", class_names: Sequence[str] = CLASS_NAMES) -> None:
+    """Draw the confusion matrix at ``threshold`` with scikit-learn's display (counts and row %)."""
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    fig = Figure(figsize=(4.2, 3.8))
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay.from_predictions(labels, pred, labels=[0, 1], display_labels=list(class_names),
+                                            ax=ax, cmap="Blues", colorbar=False)
+    ax.set_title(title or f"Confusion matrix (threshold {threshold:g})")
+    _save(fig, Path(path))
+
+
+def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path) -> None:
+    """Training and validation loss per epoch, one colour per fold (solid train, dashed val)."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for fold, history in sorted(histories.items()):
+        line, = ax.plot(history["epoch"], history["train_loss"], label=f"fold {fold} train")
+        ax.plot(history["epoch"], history["val_loss"], "--", color=line.get_color(), label=f"fold {fold} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("BCE loss")
+    ax.set_title("Loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    _save(fig, Path(path))
+
+
+def plot_roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path) -> None:
+    """ROC curves with their AUC, one per entry of ``curves`` (name -> labels, probabilities)."""
+    fig = Figure(figsize=(4.8, 4.5))
+    ax = fig.add_subplot()
+    for name, (labels, probs) in curves.items():
+        if len(set(labels)) == 2:
+            RocCurveDisplay.from_predictions(labels, probs, name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.set_title("ROC curve")
+    ax.legend(fontsize="small", loc="lower right")
+    _save(fig, Path(path))
+
+
+def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
+    """Redraw every figure of a training run from its files.
+
+    Writes ``confusion_matrix.png`` (pooled out-of-fold), ``fold{k}/confusion_matrix.png``,
+    ``loss_curves.png`` and ``roc_curve.png`` (pooled and per fold).
+
+    Returns:
+        The paths written.
+    """
+    run_dir = Path(run_dir)
+    oof = pd.read_csv(run_dir / "oof_predictions.csv")
+    written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png"]
+    plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
+                          title=f"Out-of-fold confusion matrix (threshold {threshold:g})")
+    histories = {}
+    curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
+    for fold, part in oof.groupby("fold"):
+        fold_dir = run_dir / f"fold{fold}"
+        plot_confusion_matrix(part["label"], part["prob"], fold_dir / "confusion_matrix.png", threshold,
+                              title=f"Fold {fold} validation")
+        written.append(fold_dir / "confusion_matrix.png")
+        curves[f"fold {fold}"] = (part["label"], part["prob"])
+        if (fold_dir / "history.csv").is_file():
+            histories[int(fold)] = pd.read_csv(fold_dir / "history.csv")
+    plot_loss_curves(histories, written[1])
+    plot_roc(curves, written[2])
+    return written

@@ -1,0 +1,170 @@
+"""``melanoma-train``: k-fold cross-validation of one backbone, configured by Hydra.
+
+This is the only module of the training path that reads the Hydra config: it unpacks it
+into plain arguments for the data, folds, models, engine, metrics and plots modules.
+
+    melanoma-train model=efficientnet_b0
+    melanoma-train experiment=demo
+    melanoma-train -m model=resnet34,resnext101,mobilenet_v2,efficientnet_b0
+    melanoma-train hparams=seed_grid
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from melanoma.checkpoint import write_csv, write_json
+from melanoma.data import (
+    ImageDataset,
+    load_records,
+    make_loader,
+    resolve_num_workers,
+    scan_images,
+    split_records,
+)
+from melanoma.engine import fit, make_loss
+from melanoma.errors import MelanomaError
+from melanoma.folds import make_folds
+from melanoma.metrics import METRICS, binary_metrics, summarize
+from melanoma.models import create_model, model_normalization
+from melanoma.optim import create_optimizer, create_scheduler
+from melanoma.plots import plot_run
+from melanoma.runtime import resolve_runtime, seed_everything
+from melanoma.synthetic import generate_dataset
+from melanoma.transforms import build_transforms
+
+log = logging.getLogger("melanoma.train")
+THRESHOLD = 0.5
+
+
+def load_training_set(data: DictConfig) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The training split named by the ``data`` config group, with unreadable files handled.
+
+    Returns:
+        ``(records with path, label)``, ``(path, reason)`` of each skipped file.
+    """
+    if data.synthetic:
+        generate_dataset(data.root, **data.synthetic)
+    classes = tuple(data.classes)
+    records = load_records(data.layout, data.root, classes, data.manifest)
+    train_set = split_records(records, "train", classes)
+    bad = scan_images(train_set["path"].tolist(), data.on_bad_file)
+    if bad:
+        train_set = train_set[~train_set["path"].isin({p for p, _ in bad})].reset_index(drop=True)
+        train_set = split_records(train_set.assign(split="train"), "train", classes)
+    return train_set[["path", "label"]], bad
+
+
+def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
+    """The seed-style results table: one row per fold, then mean ± std."""
+    keys = ["accuracy", "f1", "precision", "recall", "auc"]
+    rows = {f"fold {m['fold']}": [m[k] for k in keys] for m in per_fold}
+    frame = pd.DataFrame(rows, index=keys).T.map(lambda v: "n/a" if v is None else f"{v:.4f}")
+    frame.loc["mean ± std"] = [
+        "n/a" if mean[k] is None else f"{mean[k]:.4f} ± {std[k]:.4f}" for k in keys
+    ]
+    return frame.to_string()
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Cross-validate the configured model and write every output into ``run_dir``.
+
+    Returns:
+        The content of ``metrics.json``.
+    """
+    start = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    log.info("device %s, precision %s", runtime.device, runtime.precision)
+
+    m = cfg.model
+    probe = create_model(m.name, m.pretrained, m.weights, drop_rate=m.drop_rate)  # fails early on bad names/weights
+    aug = OmegaConf.to_container(cfg.augmentation, resolve=True)
+    default_mean, default_std = model_normalization(probe)
+    mean, std = aug.pop("mean") or default_mean, aug.pop("std") or default_std
+    aug.pop("name")
+    del probe
+
+    train_set, bad = load_training_set(cfg.data)
+    labels = train_set["label"].to_numpy()
+    fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed)
+    write_csv(train_set.assign(fold=fold_of), run_dir / "folds.csv")
+    log.info("%d training images (%d malignant), %d folds; %d unreadable skipped",
+             len(train_set), labels.sum(), cfg.cv.folds, len(bad))
+
+    size, workers = cfg.data.image_size, resolve_num_workers(cfg.data.num_workers)
+    train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)
+    eval_tf = build_transforms(size, train=False, mean=mean, std=std, **aug)
+    per_fold, oof = [], []
+    for k in range(cfg.cv.folds):
+        tr, va = train_set[fold_of != k], train_set[fold_of == k]
+        assert not set(tr["path"]) & set(va["path"]), "a validation image leaked into training"
+        seed_everything(cfg.seed + k, cfg.trainer.deterministic)
+        model = create_model(m.name, m.pretrained, m.weights, drop_rate=m.drop_rate)
+        model = model.to(runtime.device, memory_format=runtime.memory_format)
+        loaders = [
+            make_loader(ImageDataset(part["path"], part["label"], tf), cfg.data.batch_size, train=is_train,
+                        num_workers=workers, seed=cfg.seed + k, pin_memory=runtime.device.type == "cuda")
+            for part, tf, is_train in ((tr, train_tf, True), (va, eval_tf, False))
+        ]
+        optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr,
+                                     cfg.optimizer.weight_decay, cfg.optimizer.momentum)
+        scheduler = create_scheduler(optimizer, cfg.scheduler.name, cfg.trainer.epochs, cfg.scheduler.min_lr)
+        result = fit(model, *loaders, va["label"].to_numpy(), optimizer, scheduler,
+                     make_loss(cfg.trainer.pos_weight, tr["label"].to_numpy()), runtime, cfg.trainer.epochs,
+                     run_dir / f"fold{k}", config, cfg.trainer.monitor, fold=k)
+        per_fold.append({"fold": k, "best_epoch": result.best_epoch} | result.metrics)
+        oof.append(va.assign(fold=k, prob=result.probs))
+        log.info("fold %d: best epoch %d, val auc %s", k, result.best_epoch, result.metrics["auc"])
+
+    oof = pd.concat(oof).sort_index()
+    write_csv(oof[["path", "label", "fold", "prob"]], run_dir / "oof_predictions.csv")
+    mean_m, std_m = summarize(per_fold, METRICS)
+    metrics = {
+        "model": m.name,
+        "threshold": THRESHOLD,
+        "monitor": cfg.trainer.monitor,
+        "folds": per_fold,
+        "mean": mean_m,
+        "std": std_m,
+        "oof": binary_metrics(oof["label"], oof["prob"], THRESHOLD),
+        "n_images": int(len(train_set)),
+        "n_positive": int(labels.sum()),
+        "n_skipped": len(bad),
+        "skipped_files": [{"path": p, "reason": r} for p, r in bad],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(metrics, run_dir / "metrics.json")
+    plot_run(run_dir, THRESHOLD)
+    print(f"\n{m.name}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):")
+    print(_format_table(per_fold, mean_m, std_m))
+    print(f"pooled out-of-fold AUC {metrics['oof']['auc']}; outputs in {run_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra's entry: returns the mean monitored metric, for sweepers that optimise it."""
+    try:
+        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MelanomaError as exc:
+        print(f"melanoma-train: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return metrics["mean"].get(cfg.trainer.monitor) if cfg.trainer.monitor != "loss" else None
+
+
+def main() -> None:
+    """Console entry point ``melanoma-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
