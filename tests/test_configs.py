@@ -1,0 +1,90 @@
+"""Config layer: every option of every group composes, and the keys docs rely on exist."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from conftest import make_config
+
+CONFIGS = resources.files("melanoma.configs")
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+OPTIONS = [(g, p.name.removesuffix(".yaml")) for g in GROUPS for p in sorted(CONFIGS.joinpath(g).iterdir())
+           if p.name.endswith(".yaml")]
+DOCUMENTED_KEYS = ["data.root", "data.image_size", "data.batch_size", "data.num_workers", "trainer.epochs",
+                   "trainer.device", "trainer.precision", "model.name", "model.pretrained", "model.weights",
+                   "optimizer.lr", "cv.folds", "seed"]
+
+
+def test_groups_are_the_documented_ones() -> None:
+    assert set(GROUPS) == {"augmentation", "cv", "data", "experiment", "hparams", "model", "optimizer",
+                           "scheduler", "trainer"}
+    assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2",
+                                                      "efficientnet_b0", "efficientnet_lite0"}
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_every_option_composes(group: str, option: str) -> None:
+    extra = {"csv": ["data.manifest=m.csv"], "folder": ["data.root=/x"]}.get(option, [])
+    cfg = make_config([f"{group}={option}", *extra])
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    for key in DOCUMENTED_KEYS:
+        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
+    assert container["model"]["name"]
+
+
+def test_model_names_are_timm_names() -> None:
+    import timm
+
+    expected = {"resnet34": "resnet34", "resnext101": "resnext101_32x8d", "mobilenet_v2": "mobilenetv2_100",
+                "efficientnet_b0": "efficientnet_b0", "efficientnet_lite0": "tf_efficientnet_lite0"}
+    for option, name in expected.items():
+        cfg = make_config([f"model={option}"])
+        assert cfg.model.name == name and timm.is_model(name)
+        assert cfg.model.pretrained is True and cfg.model.weights is None
+
+
+def test_seed_recipe_matches_the_seed() -> None:
+    cfg = make_config()
+    assert (cfg.data.image_size, cfg.data.batch_size, cfg.optimizer.name, cfg.optimizer.lr) == (224, 64, "adam", 0.001)
+    assert (cfg.trainer.epochs, cfg.cv.folds, cfg.trainer.monitor) == (25, 3, "auc")
+    assert cfg.augmentation.rotation == 15 and cfg.augmentation.hflip == 0.5
+
+
+def test_unknown_option_lists_the_choices() -> None:
+    with pytest.raises(MissingConfigException, match="efficientnet_b0"):
+        make_config(["model=vgg_nonexistent"])
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match="adam"):
+        make_config(["optimizer=lion_nonexistent"])
+
+
+def test_seed_grid_is_a_multirun_over_lr_and_batch() -> None:
+    make_config(["hparams=seed_grid"])  # composes
+    grid = OmegaConf.create(CONFIGS.joinpath("hparams/seed_grid.yaml").read_text())
+    assert grid.hydra.mode == "MULTIRUN"
+    assert grid.hydra.sweeper.params["optimizer.lr"] == "0.001,0.01,0.1"
+    assert grid.hydra.sweeper.params["data.batch_size"] == "16,32,64"
+
+
+def test_demo_experiment_is_offline() -> None:
+    cfg = make_config(["experiment=demo"])
+    assert cfg.model.pretrained is False
+    assert cfg.data.synthetic.n_train > 0 and "demo" in cfg.data.root
+
+
+def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(root)], check=True)
+    (wheel,) = tmp_path.glob("melanoma-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for group, option in OPTIONS:
+        assert f"melanoma/configs/{group}/{option}.yaml" in names
+    assert "melanoma/configs/train.yaml" in names and "melanoma/configs/__init__.py" in names

