@@ -140,3 +140,14 @@ def test_demo_learns_real_but_imperfect_signal(tmp_path: Path) -> None:
     metrics = train(make_config(["experiment=demo", "data.num_workers=1"]), tmp_path)
     assert 0.75 <= metrics["mean"]["auc"] <= 0.98, metrics["mean"]
     assert 0.75 <= metrics["oof"]["auc"] <= 0.98, metrics["oof"]
+
+
+def test_seed_grid_preset_launches_nine_runs(tiny_data: Path, tmp_path: Path) -> None:
+    result = _cli("hparams=seed_grid", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2",
+                  f"hydra.sweep.dir={tmp_path / 'grid'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    points = set()
+    for job in range(9):
+        ckpt = load_checkpoint(tmp_path / "grid" / str(job) / "fold1" / "best.pt")
+        points.add((ckpt["config"]["optimizer"]["lr"], ckpt["config"]["data"]["batch_size"]))
+    assert points == {(lr, bs) for lr in (0.001, 0.01, 0.1) for bs in (16, 32, 64)}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from melanoma.checkpoint import atomic_path
@@ -29,11 +30,11 @@ def plot_confusion_matrix(labels: Sequence[int], probs: Sequence[float], path: s
                           threshold: float = 0.5, title: str = "", class_names: Sequence[str] = CLASS_NAMES) -> None:
     """Draw the confusion matrix at ``threshold`` with scikit-learn's display (counts and row %)."""
     pred = (np.asarray(probs) >= threshold).astype(int)
-    fig = Figure(figsize=(4.2, 3.8))
+    fig = Figure(figsize=(4.6, 4.0))
     ax = fig.add_subplot()
     ConfusionMatrixDisplay.from_predictions(labels, pred, labels=[0, 1], display_labels=list(class_names),
                                             ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(title or f"Confusion matrix (threshold {threshold:g})")
+    ax.set_title(title or f"Confusion matrix (threshold {threshold:g})", fontsize="medium")
     _save(fig, Path(path))
 
 
@@ -45,6 +46,7 @@ def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path) ->
         line, = ax.plot(history["epoch"], history["train_loss"], label=f"fold {fold} train")
         ax.plot(history["epoch"], history["val_loss"], "--", color=line.get_color(), label=f"fold {fold} val")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("BCE loss")
     ax.set_title("Loss curves")
     ax.grid(alpha=0.3)
@@ -58,8 +60,10 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: 
     ax = fig.add_subplot()
     for name, (labels, probs) in curves.items():
         if len(set(labels)) == 2:
-            RocCurveDisplay.from_predictions(labels, probs, name=name, ax=ax)
+            RocCurveDisplay.from_predictions(labels, probs, name=name, ax=ax, pos_label=1)
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_title("ROC curve")
     ax.legend(fontsize="small", loc="lower right")
     _save(fig, Path(path))
@@ -78,7 +82,7 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
     written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png"]
     plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
-                          title=f"Out-of-fold confusion matrix (threshold {threshold:g})")
+                          title=f"Out-of-fold, threshold {threshold:g}")
     histories = {}
     curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
     for fold, part in oof.groupby("fold"):
