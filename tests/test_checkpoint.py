@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,12 @@ def test_bad_checkpoints_get_one_line(tmp_path: Path) -> None:
     torch.save({"model": {}, "format_version": 99}, tmp_path / "future.pt")
     with pytest.raises(WeightsError, match="format 99"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    write_json({"a": 1}, tmp_path / "m.json")
+    save_checkpoint(tmp_path / "c.pt", torch.nn.Linear(2, 1), {}, 1, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("m.json", "c.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

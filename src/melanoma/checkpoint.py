@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # A fresh name, not mkstemp's file: the writer creates it, so permissions follow the umask.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -65,6 +65,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, epoc
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format_version": FORMAT_VERSION, "model": state, "config": config,
                "epoch": epoch, "metrics": metrics, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def update_checkpoint(path: str | Path, **fields: Any) -> None:
+    """Add or replace plain fields of a checkpoint, atomically (e.g. thresholds chosen after CV)."""
+    payload = load_checkpoint(path) | fields
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
