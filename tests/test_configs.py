@@ -87,4 +87,6 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for group, option in OPTIONS:
         assert f"melanoma/configs/{group}/{option}.yaml" in names
-    assert "melanoma/configs/train.yaml" in names and "melanoma/configs/__init__.py" in names
+    for top in ("train", "eval", "predict"):
+        assert f"melanoma/configs/{top}.yaml" in names
+    assert "melanoma/configs/__init__.py" in names

@@ -120,7 +120,7 @@ def _score(monitor: Monitor, val_loss: float, metrics: dict) -> float:
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
-        monitor: Monitor = "auc", fold: int = 0,
+        monitor: Monitor = "auc", fold: int = 0, checkpoint_extra: dict | None = None,
         on_epoch: Callable[[int, dict], None] | None = None) -> FoldResult:
     """Train one fold, keep the best epoch's weights and predictions.
 
@@ -141,6 +141,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         config: the resolved run config, stored in the checkpoint.
         monitor: validation metric that picks the best epoch (``loss`` is minimised).
         fold: the fold index, stored in the checkpoint.
+        checkpoint_extra: further plain values stored in ``best.pt`` (e.g. the preprocessing).
         on_epoch: called with ``(epoch, history_row)`` after each epoch.
 
     Returns:
@@ -166,7 +167,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         score = _score(monitor, val_loss, metrics)
         if best is None or score > best[0]:
             best = (score, epoch, metrics | {"loss": val_loss}, probs)
-            save_checkpoint(fold_dir / "best.pt", model, config, epoch, best[2], fold=fold)
+            save_checkpoint(fold_dir / "best.pt", model, config, epoch, best[2], fold=fold,
+                            **(checkpoint_extra or {}))
         if on_epoch is not None:
             on_epoch(epoch, row)
     _, best_epoch, best_metrics, best_probs = best

@@ -8,11 +8,13 @@ import numpy as np
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
+    brier_score_loss,
     confusion_matrix,
     f1_score,
     precision_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 
 METRICS = ("accuracy", "f1", "precision", "recall", "auc", "sensitivity", "specificity", "balanced_accuracy")
@@ -62,3 +64,64 @@ def summarize(per_fold: Sequence[dict], keys: Sequence[str] = METRICS) -> tuple[
         mean[key] = float(np.mean(values)) if values else None
         std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)
     return mean, std
+
+
+def choose_thresholds(labels: Sequence[int], probs: Sequence[float], min_sensitivity: float = 0.95) -> dict:
+    """Operating points picked on out-of-fold predictions, never on the test set.
+
+    Args:
+        labels: true 0/1 labels of the out-of-fold predictions.
+        probs: their predicted probabilities.
+        min_sensitivity: the sensitivity the ``sens95`` point must keep.
+
+    Returns:
+        ``{"0.5": 0.5, "youden": t, "sens95": t}``: ``youden`` maximises sensitivity +
+        specificity - 1; ``sens95`` is the highest threshold whose sensitivity is at least
+        ``min_sensitivity`` (a missed melanoma costs far more than a biopsied benign lesion).
+    """
+    y, p = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    finite = np.isfinite(thr)  # the first point (threshold +inf) predicts nothing positive
+    fpr, tpr, thr = fpr[finite], tpr[finite], thr[finite]
+    youden = float(thr[np.argmax(tpr - fpr)])
+    sens = float(thr[np.argmax(tpr >= min_sensitivity - 1e-12)])  # thresholds descend, tpr ascends
+    return {"0.5": 0.5, "youden": youden, "sens95": sens}
+
+
+def pauc_above_tpr(labels: Sequence[int], probs: Sequence[float], min_tpr: float = 0.80) -> float:
+    """Partial AUC above ``min_tpr`` sensitivity, normalised as in the ISIC 2024 challenge.
+
+    The area between the ROC curve and the horizontal line TPR = ``min_tpr``; it ranges
+    from 0 to ``1 - min_tpr`` (0.2 for a perfect classifier at the default).
+    """
+    y, p = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    max_fpr = 1 - min_tpr
+    # Swap the roles of the classes so that the high-TPR band becomes a low-FPR band, then undo
+    # scikit-learn's McClish standardisation to get the raw area.
+    scaled = roc_auc_score(1 - y, -p, max_fpr=max_fpr)
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / 0.5 * (scaled - 0.5))
+
+
+def expected_calibration_error(labels: Sequence[int], probs: Sequence[float], n_bins: int = 10) -> float:
+    """ECE of the malignancy probability: the count-weighted gap between predicted and observed
+    frequency over ``n_bins`` equal-width bins."""
+    y, p = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    gap = np.bincount(bins, weights=p, minlength=n_bins) - np.bincount(bins, weights=y, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(y))
+
+
+def brier(labels: Sequence[int], probs: Sequence[float]) -> float:
+    """Brier score: mean squared error of the probability (scikit-learn's ``brier_score_loss``)."""
+    return float(brier_score_loss(np.asarray(labels, dtype=int), np.asarray(probs, dtype=float), pos_label=1))
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """PPV and NPV at a clinical ``prevalence`` of malignancy, by Bayes' rule.
+
+    A balanced test split (the seed's is 50/50) inflates PPV; this re-weights it to the
+    prevalence the classifier would meet in practice.
+    """
+    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return tp / (tp + fp) if tp + fp else float("nan"), tn / (tn + fn) if tn + fn else float("nan")

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from melanoma.checkpoint import atomic_path
 
@@ -67,6 +68,51 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: 
     ax.set_title("ROC curve")
     ax.legend(fontsize="small", loc="lower right")
     _save(fig, Path(path))
+
+
+def plot_precision_recall(labels: Sequence[int], probs: Sequence[float], path: str | Path) -> None:
+    """Precision-recall curve with average precision (scikit-learn's display)."""
+    fig = Figure(figsize=(4.8, 4.5))
+    ax = fig.add_subplot()
+    if len(set(labels)) == 2:
+        PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, pos_label=1, name="ensemble",
+                                                plot_chance_level=True)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV at the test set's prevalence)")
+    ax.set_title("Precision-recall curve")
+    ax.legend(fontsize="small", loc="lower left")
+    _save(fig, Path(path))
+
+
+def plot_calibration(labels: Sequence[int], probs: Sequence[float], path: str | Path, n_bins: int = 10) -> None:
+    """Reliability diagram: observed malignancy rate per bin of predicted probability."""
+    fig = Figure(figsize=(4.8, 4.5))
+    ax = fig.add_subplot()
+    CalibrationDisplay.from_predictions(labels, probs, n_bins=n_bins, ax=ax, name="ensemble", pos_label=1)
+    ax.set_xlabel("mean predicted probability of malignancy")
+    ax.set_ylabel("observed fraction malignant")
+    ax.set_title("Calibration (reliability diagram)")
+    _save(fig, Path(path))
+
+
+def plot_evaluation(eval_dir: str | Path, threshold: float, threshold_name: str) -> list[Path]:
+    """Redraw the figures of an evaluation from its ``predictions.csv``.
+
+    Returns:
+        The paths written: confusion matrix at ``threshold``, ROC, precision-recall, calibration.
+    """
+    eval_dir = Path(eval_dir)
+    pred = pd.read_csv(eval_dir / "predictions.csv")
+    y, p = pred["label"], pred["prob"]
+    written = [eval_dir / name for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png",
+                                            "calibration.png")]
+    plot_confusion_matrix(y, p, written[0], threshold, title=f"Test, {threshold_name} threshold {threshold:.3g}")
+    curves = {"ensemble": (y, p)} | {c.removeprefix("prob_"): (y, pred[c]) for c in pred.columns
+                                     if c.startswith("prob_")}
+    plot_roc(curves, written[1])
+    plot_precision_recall(y, p, written[2])
+    plot_calibration(y, p, written[3])
+    return written
 
 
 def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:

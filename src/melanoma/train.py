@@ -21,7 +21,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from melanoma.checkpoint import write_csv, write_json
+from melanoma.checkpoint import update_checkpoint, write_csv, write_json
 from melanoma.data import (
     ImageDataset,
     load_records,
@@ -31,9 +31,9 @@ from melanoma.data import (
     split_records,
 )
 from melanoma.engine import fit, make_loss
-from melanoma.errors import MelanomaError
+from melanoma.errors import ConfigError, MelanomaError
 from melanoma.folds import make_folds
-from melanoma.metrics import METRICS, binary_metrics, summarize
+from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.models import create_model, model_normalization
 from melanoma.optim import create_optimizer, create_scheduler
 from melanoma.plots import plot_run
@@ -43,6 +43,7 @@ from melanoma.transforms import build_transforms
 
 log = logging.getLogger("melanoma.train")
 THRESHOLD = 0.5
+OPERATING_POINTS = ("0.5", "youden", "sens95")
 
 
 def load_training_set(data: DictConfig) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -82,6 +83,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """
     start = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
+    operating_point = str(cfg.cv.operating_point)
+    if operating_point not in OPERATING_POINTS:
+        raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     log.info("device %s, precision %s", runtime.device, runtime.precision)
 
@@ -101,6 +105,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
     size, workers = cfg.data.image_size, resolve_num_workers(cfg.data.num_workers)
+    preprocess = {"image_size": size, "mean": list(mean), "std": list(std), "crop_pct": aug["crop_pct"]}
     train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)
     eval_tf = build_transforms(size, train=False, mean=mean, std=std, **aug)
     per_fold, oof = [], []
@@ -120,7 +125,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         scheduler = create_scheduler(optimizer, cfg.scheduler.name, cfg.trainer.epochs, cfg.scheduler.min_lr)
         result = fit(model, *loaders, va["label"].to_numpy(), optimizer, scheduler,
                      make_loss(cfg.trainer.pos_weight, tr["label"].to_numpy()), runtime, cfg.trainer.epochs,
-                     run_dir / f"fold{k}", config, cfg.trainer.monitor, fold=k)
+                     run_dir / f"fold{k}", config, cfg.trainer.monitor, fold=k,
+                     checkpoint_extra={"preprocess": preprocess, "classes": list(cfg.data.classes)})
         per_fold.append({"fold": k, "best_epoch": result.best_epoch} | result.metrics)
         oof.append(va.assign(fold=k, prob=result.probs))
         log.info("fold %d: best epoch %d, val auc %s", k, result.best_epoch, result.metrics["auc"])
@@ -128,6 +134,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     oof = pd.concat(oof).sort_index()
     write_csv(oof[["path", "label", "fold", "prob"]], run_dir / "oof_predictions.csv")
     mean_m, std_m = summarize(per_fold, METRICS)
+    # Operating points come from out-of-fold predictions only: the test split is never looked at.
+    thresholds = choose_thresholds(oof["label"], oof["prob"])
+    for k in range(cfg.cv.folds):
+        update_checkpoint(run_dir / f"fold{k}" / "best.pt", thresholds=thresholds, operating_point=operating_point)
     metrics = {
         "model": m.name,
         "threshold": THRESHOLD,
@@ -136,6 +146,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "mean": mean_m,
         "std": std_m,
         "oof": binary_metrics(oof["label"], oof["prob"], THRESHOLD),
+        "thresholds": thresholds,
+        "operating_point": operating_point,
+        "oof_at_thresholds": {name: binary_metrics(oof["label"], oof["prob"], t) for name, t in thresholds.items()},
         "n_images": int(len(train_set)),
         "n_positive": int(labels.sum()),
         "n_skipped": len(bad),

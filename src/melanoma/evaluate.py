@@ -1,0 +1,143 @@
+"""``melanoma-eval``: score a trained run (its fold ensemble) or one checkpoint on a labelled set.
+
+    melanoma-eval ckpt=outputs/train/RUN                      # the run's own test split
+    melanoma-eval ckpt=outputs/train/RUN/fold1/best.pt eval.tta=d4
+    melanoma-eval ckpt=RUN data=folder data.root=/other/set   # another labelled set
+
+Only this module reads the eval config; the work is done by inference, confidence and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from melanoma.checkpoint import write_csv, write_json
+from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with_ci
+from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, scan_images
+from melanoma.errors import ConfigError, DataError, MelanomaError
+from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
+from melanoma.plots import plot_evaluation
+from melanoma.runtime import resolve_runtime
+from melanoma.synthetic import generate_dataset
+from melanoma.transforms import build_transforms
+
+log = logging.getLogger("melanoma.evaluate")
+
+
+def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The labelled images to score, with unreadable files handled by ``data.on_bad_file``.
+
+    A split with a single class is returned as is: metrics that need both classes are then
+    reported as unavailable rather than failing the evaluation.
+    """
+    if split not in ("test", "train", "all"):
+        raise ConfigError(f"eval.split={split!r} is not one of test, train, all")
+    if data.get("synthetic"):
+        generate_dataset(data["root"], **data["synthetic"])
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
+    if data["layout"] != "folder" and split != "all":
+        records = records[records["split"] == split]
+    if records.empty:
+        raise DataError(f"the dataset at {data['root'] or data.get('manifest')} has no {split} images; "
+                        "pass eval.split=all to evaluate every image")
+    bad = scan_images(records["path"].tolist(), data.get("on_bad_file") or "error")
+    records = records[~records["path"].isin({p for p, _ in bad})]
+    if records.empty:
+        raise DataError(f"none of the {split} images could be read")
+    return records[["path", "label"]].reset_index(drop=True), bad
+
+
+def _format_table(results: dict) -> str:
+    """Metrics as rows, operating points as columns, each cell 'value [lo, hi]'."""
+    cells = {}
+    for name, block in results.items():
+        column = f"{name} ({block['threshold']:.3g})"
+        cells[column] = {k: "n/a" if v["value"] is None else f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+                         for k, v in block["metrics"].items()}
+    return pd.DataFrame(cells).loc[[*THRESHOLD_METRICS, *RANKING_METRICS]].to_string()
+
+
+def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Evaluate ``cfg.ckpt`` and write predictions, metrics and figures into ``out_dir``.
+
+    Returns:
+        The content of ``metrics.json``.
+    """
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    ensemble = load_ensemble(cfg.ckpt, runtime)
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+    data = ensemble.config["data"] | overrides
+    chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
+    eval_set, bad = load_eval_set(data, cfg.eval.split)
+    log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
+             eval_set["label"].sum(), cfg.eval.tta)
+
+    pre = ensemble.preprocess
+    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
+                                 crop_pct=pre["crop_pct"])
+    loader = make_loader(ImageDataset(eval_set["path"], eval_set["label"], transform), cfg.eval.batch_size,
+                         train=False, num_workers=resolve_num_workers(cfg.eval.num_workers), seed=0,
+                         pin_memory=runtime.device.type == "cuda")
+    per_model = predict_probs(ensemble.models, loader, runtime, cfg.eval.tta)
+    predictions = eval_set.assign(prob=per_model.mean(0))
+    for path, probs in zip(ensemble.paths, per_model, strict=True):
+        predictions[f"prob_{path.parent.name if path.name == 'best.pt' else path.stem}"] = probs
+    write_csv(predictions, out_dir / "predictions.csv")
+
+    thresholds = dict(ensemble.thresholds) | {chosen_name: chosen}
+    results = metrics_with_ci(predictions["label"], predictions["prob"], thresholds, cfg.eval.prevalence,
+                              cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)
+    unavailable = results.pop("unavailable", {})
+    metrics = {
+        "ckpt": str(cfg.ckpt),
+        "models": [str(p) for p in ensemble.paths],
+        "data": {k: data.get(k) for k in ("layout", "root", "manifest")},
+        "split": cfg.eval.split,
+        "tta": cfg.eval.tta,
+        "n_images": int(len(predictions)),
+        "n_positive": int(predictions["label"].sum()),
+        "n_skipped": len(bad),
+        "skipped_files": [{"path": p, "reason": r} for p, r in bad],
+        "prevalence": cfg.eval.prevalence,
+        "bootstrap": {"n_resamples": cfg.eval.n_resamples, "level": cfg.eval.level, "seed": cfg.eval.seed,
+                      "stratified": True},
+        "operating_point": chosen_name,
+        "threshold": chosen,
+        "thresholds": results,
+        "unavailable": unavailable,
+    }
+    write_json(metrics, out_dir / "metrics.json")
+    plot_evaluation(out_dir, chosen, chosen_name)
+    print(f"\n{len(ensemble.models)}-model ensemble on {len(predictions)} images "
+          f"({metrics['n_positive']} malignant), tta={cfg.eval.tta}, {cfg.eval.level:.0%} bootstrap CIs; "
+          f"PPV/NPV at prevalence {cfg.eval.prevalence:g}:")
+    print(_format_table(results))
+    for key, reason in unavailable.items():
+        print(f"{key}: unavailable ({reason})")
+    print(f"operating point: {chosen_name} = {chosen:.4f}; outputs in {out_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        evaluate_run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MelanomaError as exc:
+        print(f"melanoma-eval: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console entry point ``melanoma-eval``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

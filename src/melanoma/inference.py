@@ -1,0 +1,148 @@
+"""Loading trained fold models as an ensemble and predicting with test-time augmentation.
+
+Images are decoded once per batch; every fold model and every TTA view reuses the same
+batch tensor, so an ensemble of three models with 8 views still decodes each JPEG once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from melanoma.checkpoint import load_checkpoint
+from melanoma.errors import ConfigError, WeightsError
+from melanoma.models import create_model
+from melanoma.runtime import Runtime
+
+TTA = Literal["none", "flip", "d4"]
+
+
+def find_checkpoints(ckpt: str | Path) -> list[Path]:
+    """The checkpoints named by ``ckpt``: one ``.pt`` file, or every ``fold*/best.pt`` of a run.
+
+    Raises:
+        WeightsError: nothing to load there.
+    """
+    path = Path(ckpt).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(path.glob("fold*/best.pt"), key=lambda p: int(p.parent.name.removeprefix("fold") or 0))
+        if found:
+            return found
+        raise WeightsError(f"ckpt={path} holds no fold*/best.pt; point it at a training run directory "
+                           "or at one checkpoint file")
+    raise WeightsError(f"ckpt={path} does not exist; point it at a training run directory or a .pt file")
+
+
+@dataclass
+class Ensemble:
+    """Fold models that share one preprocessing, with what their training run decided.
+
+    Attributes:
+        models: the models, in eval mode on the runtime's device.
+        paths: their checkpoint files.
+        config: the resolved training config of the first checkpoint.
+        preprocess: ``image_size``, ``mean``, ``std``, ``crop_pct`` the models were trained with.
+        thresholds: operating points chosen on the run's out-of-fold predictions.
+        operating_point: the name of the run's chosen threshold.
+    """
+
+    models: list[nn.Module]
+    paths: list[Path]
+    config: dict
+    preprocess: dict
+    thresholds: dict
+    operating_point: str
+
+
+def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
+    """Load every checkpoint named by ``ckpt`` (weights only, never executing a pickle).
+
+    Raises:
+        WeightsError: a checkpoint is missing, broken, or its weights do not fit its model.
+        ConfigError: the checkpoints were trained with different preprocessing.
+    """
+    models, paths, first = [], find_checkpoints(ckpt), None
+    for path in paths:
+        payload = load_checkpoint(path)
+        config, preprocess = payload.get("config", {}), payload.get("preprocess")
+        if preprocess is None or "model" not in config:
+            raise WeightsError(f"{path} lacks the training config or preprocessing; was it written by melanoma-train?")
+        model = create_model(config["model"]["name"], pretrained=False, num_classes=1)
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise WeightsError(f"{path}: its weights do not fit {config['model']['name']} "
+                               f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
+                               ) from None
+        models.append(model.to(runtime.device, memory_format=runtime.memory_format).eval())
+        if first is None:
+            first = payload
+        elif preprocess != first["preprocess"]:
+            raise ConfigError(f"{path} was trained with {preprocess}, {paths[0]} with {first['preprocess']}; "
+                              "evaluate them separately")
+    return Ensemble(models, paths, first["config"], first["preprocess"], first.get("thresholds", {"0.5": 0.5}),
+                    first.get("operating_point", "0.5"))
+
+
+def tta_views(images: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
+    """Label-preserving views of a batch (N, C, H, W).
+
+    ``none``: the batch; ``flip``: plus its horizontal mirror; ``d4``: the 8 elements of the
+    dihedral group, the four 90-degree rotations of the image and of its mirror.
+    """
+    if tta == "none":
+        return [images]
+    if tta == "flip":
+        return [images, images.flip(-1)]
+    if tta == "d4":
+        mirror = images.flip(-1)
+        return [torch.rot90(x, k, dims=(-2, -1)) for x in (images, mirror) for k in range(4)]
+    raise ConfigError(f"eval.tta={tta!r} is not one of none, flip, d4")
+
+
+@torch.inference_mode()
+def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime, tta: TTA = "none") -> np.ndarray:
+    """Probability of malignancy from each model, averaged over TTA views.
+
+    Returns:
+        An array (models x images); the ensemble's prediction is its mean over axis 0.
+    """
+    tta_views(torch.zeros(1, 1, 2, 2), tta)  # validate before the first batch
+    out = [[] for _ in models]
+    for images, _ in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
+        images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+        views = tta_views(images, tta)
+        for i, model in enumerate(models):
+            with runtime.autocast():
+                probs = [torch.sigmoid(model(v).squeeze(1).float()) for v in views]
+            out[i].append(torch.stack(probs).mean(0))
+    return np.stack([torch.cat(p).cpu().numpy() for p in out])
+
+
+def resolve_threshold(choice: str | float | None, ensemble: Ensemble) -> tuple[str, float]:
+    """The (name, value) of ``eval.threshold``: a named operating point, a number, or the run's choice.
+
+    Raises:
+        ConfigError: unknown name or a number outside [0, 1].
+    """
+    if choice is None:
+        choice = ensemble.operating_point
+    if isinstance(choice, str) and choice in ensemble.thresholds:
+        return choice, float(ensemble.thresholds[choice])
+    try:
+        value = float(choice)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold={choice!r} is not one of {', '.join(ensemble.thresholds)} "
+                          "or a number in [0, 1]") from None
+    if not 0 <= value <= 1:
+        raise ConfigError(f"threshold={value} must be in [0, 1]")
+    return f"{value:g}", value

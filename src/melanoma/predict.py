@@ -1,0 +1,95 @@
+"""``melanoma-predict``: score unlabelled images with a trained run.
+
+    melanoma-predict ckpt=outputs/train/RUN input=/photos/lesions/
+    melanoma-predict ckpt=outputs/train/RUN input=lesion.jpg threshold=youden tta=d4
+
+Writes ``predictions.csv`` (``path,prob,decision``) with the run's operating threshold
+(chosen on its out-of-fold predictions) unless ``threshold=`` says otherwise. Unreadable
+files are skipped with a warning; every readable image gets one row.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from melanoma.checkpoint import write_csv
+from melanoma.data import IMAGE_EXTENSIONS, ImageDataset, make_loader, resolve_num_workers, scan_images
+from melanoma.errors import DataError, MelanomaError
+from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
+from melanoma.runtime import resolve_runtime
+from melanoma.transforms import build_transforms
+
+log = logging.getLogger("melanoma.predict")
+
+
+def find_images(input_path: str | Path) -> list[str]:
+    """One image file, or every image below a folder (recursively, sorted, stray files left out).
+
+    Raises:
+        DataError: the path does not exist or holds no images.
+    """
+    path = Path(input_path).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise DataError(f"input={path} does not exist; point it at an image or a folder of images")
+    found = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise DataError(f"input={path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
+    """Score the images of ``cfg.input`` and write ``out_dir/predictions.csv``.
+
+    Returns:
+        The predictions table.
+    """
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    ensemble = load_ensemble(cfg.ckpt, runtime)
+    name, threshold = resolve_threshold(cfg.threshold, ensemble)
+    paths = find_images(cfg.input)
+    bad = {p for p, _ in scan_images(paths, "skip")}
+    paths = [p for p in paths if p not in bad]
+    if not paths:
+        raise DataError(f"none of the images in input={cfg.input} could be read")
+    pre = ensemble.preprocess
+    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
+                                 crop_pct=pre["crop_pct"])
+    loader = make_loader(ImageDataset(paths, [0] * len(paths), transform), cfg.batch_size, train=False,
+                         num_workers=resolve_num_workers(cfg.num_workers), seed=0,
+                         pin_memory=runtime.device.type == "cuda")
+    probs = predict_probs(ensemble.models, loader, runtime, cfg.tta).mean(0)
+    classes = ensemble.config["data"]["classes"]
+    table = pd.DataFrame({"path": paths, "prob": probs})
+    table["decision"] = [classes[1] if p >= threshold else classes[0] for p in probs]
+    write_csv(table, out_dir / "predictions.csv")
+    print(f"{len(table)} images scored ({len(bad)} unreadable skipped), {int((probs >= threshold).sum())} "
+          f"called {classes[1]} at the {name} threshold {threshold:.4f}; wrote {out_dir / 'predictions.csv'}")
+    return table
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        predict_images(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MelanomaError as exc:
+        print(f"melanoma-predict: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console entry point ``melanoma-predict``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
