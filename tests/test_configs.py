@@ -24,7 +24,7 @@ DOCUMENTED_KEYS = ["data.root", "data.image_size", "data.batch_size", "data.num_
 
 
 def test_groups_are_the_documented_ones() -> None:
-    assert set(GROUPS) == {"augmentation", "cv", "data", "experiment", "hparams", "model", "optimizer",
+    assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "model", "optimizer",
                            "scheduler", "trainer"}
     assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2",
                                                       "efficientnet_b0", "efficientnet_lite0"}
@@ -87,6 +87,6 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for group, option in OPTIONS:
         assert f"melanoma/configs/{group}/{option}.yaml" in names
-    for top in ("train", "eval", "predict"):
+    for top in ("train", "eval", "predict", "audit_run"):
         assert f"melanoma/configs/{top}.yaml" in names
     assert "melanoma/configs/__init__.py" in names

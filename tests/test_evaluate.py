@@ -56,9 +56,10 @@ def test_training_stores_oof_thresholds_in_metrics_and_every_checkpoint(run_dir:
 def test_ensemble_is_the_mean_of_its_fold_models(run_dir: Path, tmp_path: Path) -> None:
     metrics = evaluate_run(_eval_cfg(run_dir), tmp_path / "ens")
     pred = pd.read_csv(tmp_path / "ens" / "predictions.csv")
-    assert list(pred.columns) == ["path", "label", "prob", "prob_fold0", "prob_fold1", "prob_fold2"]
+    assert list(pred.columns) == ["path", "label", "prob", "prob_fold0", "prob_fold1", "prob_fold2",
+                                  "has_train_duplicate"]
     assert len(pred) == 20 and metrics["n_images"] == 20 and metrics["n_positive"] == 10
-    assert np.allclose(pred["prob"], pred[["prob_fold0", "prob_fold1", "prob_fold2"]].mean(1), atol=1e-6)
+    assert np.allclose(pred["prob"], pred[["prob_fold0", "prob_fold1", "prob_fold2"]].mean(axis=1), atol=1e-6)
     single = evaluate_run(_eval_cfg(run_dir / "fold1" / "best.pt"), tmp_path / "one")
     one = pd.read_csv(tmp_path / "one" / "predictions.csv")
     assert np.allclose(one["prob"], pred["prob_fold1"], atol=1e-6) and single["models"] == [
@@ -82,7 +83,7 @@ def test_eval_metrics_json_has_every_metric_threshold_and_ci(run_dir: Path, tmp_
             assert lo <= block[key]["value"] <= hi
 
 
-def test_tta_changes_nothing_for_symmetric_images_and_d4_has_8_views(run_dir: Path, tmp_path: Path) -> None:
+def test_d4_views_are_the_eight_symmetries_and_eval_records_tta(run_dir: Path, tmp_path: Path) -> None:
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     views = tta_views(x, "d4")
     expected = [x, x.transpose(-1, -2).flip(-1), x.flip(-1).flip(-2), x.transpose(-1, -2).flip(-2),

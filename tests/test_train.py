@@ -35,7 +35,7 @@ def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -> None:
     run_dir, metrics = tiny_run
     folds = pd.read_csv(run_dir / "folds.csv")
-    assert list(folds.columns) == ["path", "label", "fold"] and len(folds) == 150
+    assert list(folds.columns) == ["path", "label", "fold", "group"] and len(folds) == 150
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
     for k in range(3):
         history = pd.read_csv(run_dir / f"fold{k}" / "history.csv")
@@ -143,7 +143,8 @@ def test_demo_learns_real_but_imperfect_signal(tmp_path: Path) -> None:
 
 
 def test_seed_grid_preset_launches_nine_runs(tiny_data: Path, tmp_path: Path) -> None:
-    result = _cli("hparams=seed_grid", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2",
+    tiny = [o for o in TINY if not o.startswith("data.batch_size")]  # the grid sets it
+    result = _cli("hparams=seed_grid", f"data.root={tiny_data}", *tiny, "trainer.epochs=1", "cv.folds=2",
                   f"hydra.sweep.dir={tmp_path / 'grid'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     points = set()

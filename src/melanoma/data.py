@@ -196,7 +196,17 @@ def scan_images(paths: list[str], on_bad_file: Literal["error", "skip"] = "error
         raise ConfigError(f"data.on_bad_file={on_bad_file!r} is not one of error, skip")
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
         reasons = list(pool.map(_check_image, paths))
-    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+    return handle_bad_files([(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None], on_bad_file)
+
+
+def handle_bad_files(bad: list[tuple[str, str]], on_bad_file: Literal["error", "skip"]) -> list[tuple[str, str]]:
+    """Apply the ``data.on_bad_file`` policy to ``(path, reason)`` pairs found unreadable.
+
+    Raises:
+        DataError: with ``on_bad_file=error``, naming the first bad file.
+    """
+    if on_bad_file not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_file={on_bad_file!r} is not one of error, skip")
     if bad and on_bad_file == "error":
         path, reason = bad[0]
         raise DataError(f"{path} is not a readable image ({reason}); remove or replace it, or set "

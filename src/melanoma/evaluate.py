@@ -18,6 +18,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from melanoma.audit import audit_records, leaked_test_paths
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with_ci
 from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, scan_images
@@ -31,17 +32,21 @@ from melanoma.transforms import build_transforms
 log = logging.getLogger("melanoma.evaluate")
 
 
-def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str, str]], pd.DataFrame]:
     """The labelled images to score, with unreadable files handled by ``data.on_bad_file``.
 
     A split with a single class is returned as is: metrics that need both classes are then
     reported as unavailable rather than failing the evaluation.
+
+    Returns:
+        ``(images to score, skipped (path, reason), every record of the dataset)``.
     """
     if split not in ("test", "train", "all"):
         raise ConfigError(f"eval.split={split!r} is not one of test, train, all")
     if data.get("synthetic"):
         generate_dataset(data["root"], **data["synthetic"])
-    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
+    every = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
+    records = every
     if data["layout"] != "folder" and split != "all":
         records = records[records["split"] == split]
     if records.empty:
@@ -51,7 +56,19 @@ def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str,
     records = records[~records["path"].isin({p for p, _ in bad})]
     if records.empty:
         raise DataError(f"none of the {split} images could be read")
-    return records[["path", "label"]].reset_index(drop=True), bad
+    return records[["path", "label"]].reset_index(drop=True), bad, every
+
+
+def train_duplicates(every: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None) -> set[str]:
+    """Scored images that have an exact or near duplicate among the dataset's training images."""
+    train = every[every["split"] == "train"]
+    scored_paths = set(scored["path"])
+    if train.empty:
+        return set()
+    both = pd.concat([train.assign(split="train"),
+                      scored.assign(split="test")[~scored["path"].isin(set(train["path"]))]], ignore_index=True)
+    images, pairs, _ = audit_records(both, threshold, workers=workers)
+    return leaked_test_paths(images, pairs) & scored_paths
 
 
 def _format_table(results: dict) -> str:
@@ -59,9 +76,19 @@ def _format_table(results: dict) -> str:
     cells = {}
     for name, block in results.items():
         column = f"{name} ({block['threshold']:.3g})"
-        cells[column] = {k: "n/a" if v["value"] is None else f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
-                         for k, v in block["metrics"].items()}
+        cells[column] = {k: _cell(v) for k, v in block["metrics"].items()}
     return pd.DataFrame(cells).loc[[*THRESHOLD_METRICS, *RANKING_METRICS]].to_string()
+
+
+def _cell(v: dict) -> str:
+    return "n/a" if v["value"] is None else f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+
+
+def _side_by_side(full: dict, dedup: dict) -> str:
+    """Full and deduplicated test metrics of one threshold, side by side."""
+    keys = [*THRESHOLD_METRICS, *RANKING_METRICS]
+    return pd.DataFrame({"full test split": [_cell(full["metrics"][k]) for k in keys],
+                         "deduplicated": [_cell(dedup["metrics"][k]) for k in keys]}, index=keys).to_string()
 
 
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -75,7 +102,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
     data = ensemble.config["data"] | overrides
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
-    eval_set, bad = load_eval_set(data, cfg.eval.split)
+    eval_set, bad, every = load_eval_set(data, cfg.eval.split)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
 
@@ -89,12 +116,21 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     predictions = eval_set.assign(prob=per_model.mean(0))
     for path, probs in zip(ensemble.paths, per_model, strict=True):
         predictions[f"prob_{path.parent.name if path.name == 'best.pt' else path.stem}"] = probs
-    write_csv(predictions, out_dir / "predictions.csv")
 
     thresholds = dict(ensemble.thresholds) | {chosen_name: chosen}
     results = metrics_with_ci(predictions["label"], predictions["prob"], thresholds, cfg.eval.prevalence,
                               cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)
     unavailable = results.pop("unavailable", {})
+    dedup = None
+    if cfg.eval.dedup:
+        leaked = train_duplicates(every, predictions, cfg.audit.threshold, cfg.audit.workers)
+        kept = predictions[~predictions["path"].isin(leaked)]
+        predictions["has_train_duplicate"] = predictions["path"].isin(leaked)
+        dedup = {"n_removed": len(leaked), "n_images": int(len(kept)), "n_positive": int(kept["label"].sum()),
+                 "thresholds": metrics_with_ci(kept["label"], kept["prob"], thresholds, cfg.eval.prevalence,
+                                               cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)}
+        dedup["unavailable"] = dedup["thresholds"].pop("unavailable", {})
+    write_csv(predictions, out_dir / "predictions.csv")
     metrics = {
         "ckpt": str(cfg.ckpt),
         "models": [str(p) for p in ensemble.paths],
@@ -112,6 +148,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         "threshold": chosen,
         "thresholds": results,
         "unavailable": unavailable,
+        "dedup": dedup,
     }
     write_json(metrics, out_dir / "metrics.json")
     plot_evaluation(out_dir, chosen, chosen_name)
@@ -121,6 +158,10 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     print(_format_table(results))
     for key, reason in unavailable.items():
         print(f"{key}: unavailable ({reason})")
+    if dedup is not None:
+        print(f"\nWithout the {dedup['n_removed']} test images that have a near-duplicate in train "
+              f"({dedup['n_images']} left), at the {chosen_name} threshold:")
+        print(_side_by_side(results[chosen_name], dedup["thresholds"][chosen_name]))
     print(f"operating point: {chosen_name} = {chosen:.4f}; outputs in {out_dir}")
     return metrics
 

@@ -5,18 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from melanoma.errors import ConfigError, DataError
 
 
-def make_folds(labels: Sequence[int], n_folds: int = 3, seed: int = 0) -> np.ndarray:
-    """Assign every image to one validation fold with scikit-learn's ``StratifiedKFold``.
+def make_folds(labels: Sequence[int], n_folds: int = 3, seed: int = 0,
+               groups: Sequence[int] | None = None) -> np.ndarray:
+    """Assign every image to one validation fold, stratified by label.
+
+    Without ``groups`` this is scikit-learn's ``StratifiedKFold``; with them,
+    ``StratifiedGroupKFold``, which keeps every group (e.g. the copies of one lesion) inside a
+    single fold so that no fold validates on an image its model trained on a copy of.
 
     Args:
         labels: the 0/1 label of each image.
         n_folds: number of folds (at least 2).
         seed: shuffling seed; the same seed gives the same folds.
+        groups: optional group id of each image.
 
     Returns:
         An int array with each image's fold, ``0 .. n_folds-1``.
@@ -32,8 +38,14 @@ def make_folds(labels: Sequence[int], n_folds: int = 3, seed: int = 0) -> np.nda
     if counts.min() < n_folds:
         raise DataError(f"class {int(counts.argmin())} has {counts.min()} training images, fewer than "
                         f"cv.folds={n_folds}; add images or lower cv.folds")
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    else:
+        if len(set(groups)) < n_folds:
+            raise DataError(f"only {len(set(groups))} distinct duplicate groups for cv.folds={n_folds}; "
+                            "lower cv.folds or set cv.group_duplicates=false")
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.empty(len(labels), dtype=int)
-    for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         fold[val_idx] = k
     return fold

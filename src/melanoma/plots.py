@@ -80,7 +80,8 @@ def plot_precision_recall(labels: Sequence[int], probs: Sequence[float], path: s
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV at the test set's prevalence)")
     ax.set_title("Precision-recall curve")
-    ax.legend(fontsize="small", loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="lower left")
     _save(fig, Path(path))
 
 

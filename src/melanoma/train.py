@@ -21,9 +21,11 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.checkpoint import update_checkpoint, write_csv, write_json
 from melanoma.data import (
     ImageDataset,
+    handle_bad_files,
     load_records,
     make_loader,
     resolve_num_workers,
@@ -46,22 +48,29 @@ THRESHOLD = 0.5
 OPERATING_POINTS = ("0.5", "youden", "sens95")
 
 
-def load_training_set(data: DictConfig) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """The training split named by the ``data`` config group, with unreadable files handled.
+def load_training_set(data: DictConfig, audit: DictConfig) -> tuple[pd.DataFrame, list, tuple | None]:
+    """The training split named by the ``data`` config group, audited, with unreadable files handled.
 
     Returns:
-        ``(records with path, label)``, ``(path, reason)`` of each skipped file.
+        ``(records with path, label[, group])``, ``(path, reason)`` of each skipped file, and
+        ``(duplicate pairs, audit summary)`` when the audit is enabled, else ``None``.
     """
     if data.synthetic:
         generate_dataset(data.root, **data.synthetic)
     classes = tuple(data.classes)
     records = load_records(data.layout, data.root, classes, data.manifest)
-    train_set = split_records(records, "train", classes)
-    bad = scan_images(train_set["path"].tolist(), data.on_bad_file)
-    if bad:
-        train_set = train_set[~train_set["path"].isin({p for p, _ in bad})].reset_index(drop=True)
-        train_set = split_records(train_set.assign(split="train"), "train", classes)
-    return train_set[["path", "label"]], bad
+    split_records(records, "train", classes)  # fail early on a missing or one-class split
+    if not audit.enabled:
+        train_set = split_records(records, "train", classes)
+        bad = scan_images(train_set["path"].tolist(), data.on_bad_file)
+        train_set = train_set[~train_set["path"].isin({p for p, _ in bad})]
+        return split_records(train_set, "train", classes)[["path", "label"]], bad, None
+    images, pairs, summary = audit_records(records, audit.threshold, workers=audit.workers)
+    train_images = images[images["split"] == "train"]
+    unreadable = train_images[train_images["error"].notna()]
+    bad = handle_bad_files(list(unreadable[["path", "error"]].itertuples(index=False, name=None)), data.on_bad_file)
+    train_set = split_records(train_images[train_images["error"].isna()], "train", classes)
+    return train_set[["path", "label", "group"]], bad, (pairs, summary)
 
 
 def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
@@ -97,10 +106,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     aug.pop("name")
     del probe
 
-    train_set, bad = load_training_set(cfg.data)
+    train_set, bad, audit = load_training_set(cfg.data, cfg.audit)
     labels = train_set["label"].to_numpy()
-    fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed)
-    write_csv(train_set.assign(fold=fold_of), run_dir / "folds.csv")
+    groups = train_set["group"].to_numpy() if cfg.cv.group_duplicates and audit is not None else None
+    if cfg.cv.group_duplicates and audit is None:
+        log.warning("audit.enabled=false: folds are not grouped by duplicates (cv.group_duplicates ignored)")
+    fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed, groups)
+    columns = ["path", "label", "fold"] + (["group"] if audit is not None else [])
+    write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
+    if audit is not None:
+        pairs, summary = audit
+        add_fold_crossings(pairs, summary, dict(zip(train_set["path"], fold_of, strict=True)))
+        write_json(summary, run_dir / "audit.json")
+        write_csv(pairs, run_dir / "duplicates.csv")
+        print(f"audit: {summary_line(summary)}; {summary['pairs_crossing_folds']} pairs cross folds")
     log.info("%d training images (%d malignant), %d folds; %d unreadable skipped",
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
@@ -152,6 +171,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "n_images": int(len(train_set)),
         "n_positive": int(labels.sum()),
         "n_skipped": len(bad),
+        "grouped_folds": groups is not None,
         "skipped_files": [{"path": p, "reason": r} for p, r in bad],
         "seconds": round(time.perf_counter() - start, 1),
     }

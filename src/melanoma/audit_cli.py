@@ -1,0 +1,73 @@
+"""``melanoma-audit``: audit a dataset for unreadable files and duplicates that leak.
+
+    melanoma-audit data=kaggle data.root=/data/melanoma_cancer_dataset
+    melanoma-audit data=demo audit.threshold=12
+
+Writes ``audit.json`` and ``duplicates.csv`` in its run directory and prints a one-line
+verdict. ``pairs_crossing_folds`` counts the duplicate pairs that plain (ungrouped) stratified
+folds with ``cv.folds`` and ``cv.seed`` would split, the leak that ``cv.group_duplicates``
+closes in training.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from melanoma.audit import add_fold_crossings, audit_records, summary_line
+from melanoma.checkpoint import write_csv, write_json
+from melanoma.data import load_records
+from melanoma.errors import DataError, MelanomaError
+from melanoma.folds import make_folds
+from melanoma.synthetic import generate_dataset
+
+
+def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
+    """Audit the dataset of ``cfg.data`` and write the report into ``out_dir``.
+
+    Returns:
+        The content of ``audit.json``.
+    """
+    data = cfg.data
+    if data.synthetic:
+        generate_dataset(data.root, **data.synthetic)
+    records = load_records(data.layout, data.root, tuple(data.classes), data.manifest)
+    if records.empty:
+        raise DataError(f"the dataset at {data.root} holds no images")
+    images, pairs, summary = audit_records(records, cfg.audit.threshold, workers=cfg.audit.workers)
+    train = images[(images["split"] == "train") & images["error"].isna()]
+    if len(train) and train["label"].nunique() == 2 and train["label"].value_counts().min() >= cfg.cv.folds:
+        folds = make_folds(train["label"].to_numpy(), cfg.cv.folds, cfg.cv.seed)
+        add_fold_crossings(pairs, summary, dict(zip(train["path"], folds, strict=True)))
+    write_json(summary, out_dir / "audit.json")
+    write_csv(pairs, out_dir / "duplicates.csv")
+    for split in summary["missing_splits"]:
+        print(f"note: the dataset has no {split} split")
+    print(f"{summary['n_images']} images audited: {summary_line(summary)}")
+    if summary["pairs_crossing_folds"] is not None:
+        print(f"random {cfg.cv.folds}-fold splits would put {summary['pairs_crossing_folds']} duplicate pairs "
+              "across folds (cv.group_duplicates=true prevents it)")
+    print(f"report: {out_dir / 'audit.json'}, {out_dir / 'duplicates.csv'}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="audit_run")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_audit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except MelanomaError as exc:
+        print(f"melanoma-audit: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console entry point ``melanoma-audit``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
