@@ -152,3 +152,24 @@ def test_seed_grid_preset_launches_nine_runs(tiny_data: Path, tmp_path: Path) ->
         ckpt = load_checkpoint(tmp_path / "grid" / str(job) / "fold1" / "best.pt")
         points.add((ckpt["config"]["optimizer"]["lr"], ckpt["config"]["data"]["batch_size"]))
     assert points == {(lr, bs) for lr in (0.001, 0.01, 0.1) for bs in (16, 32, 64)}
+
+
+def test_duplicates_share_a_fold_and_the_audit_can_be_skipped(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    originals = sorted((data / "train" / "malignant").iterdir())[:6]
+    for i, path in enumerate(originals):  # copies of six lesions (48-px images are too small for near-copies)
+        shutil.copyfile(path, path.with_name(f"copy{i}.jpg"))
+    _train(data, tmp_path / "grouped", "trainer.epochs=1")
+    folds = pd.read_csv(tmp_path / "grouped" / "folds.csv").set_index("path")
+    for i, path in enumerate(originals):
+        copy = str(path.with_name(f"copy{i}.jpg"))
+        assert folds.loc[str(path), "group"] == folds.loc[copy, "group"]
+        assert folds.loc[str(path), "fold"] == folds.loc[copy, "fold"]
+    audit = json.loads((tmp_path / "grouped" / "audit.json").read_text())
+    assert audit["exact_duplicate_pairs"] == 6 and audit["pairs_crossing_folds"] == 0
+    assert len(pd.read_csv(tmp_path / "grouped" / "duplicates.csv")) == 6
+
+    metrics = _train(data, tmp_path / "plain", "trainer.epochs=1", "audit.enabled=false")
+    assert metrics["grouped_folds"] is False and not (tmp_path / "plain" / "audit.json").exists()
+    assert list(pd.read_csv(tmp_path / "plain" / "folds.csv").columns) == ["path", "label", "fold"]

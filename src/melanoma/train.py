@@ -59,9 +59,8 @@ def load_training_set(data: DictConfig, audit: DictConfig) -> tuple[pd.DataFrame
         generate_dataset(data.root, **data.synthetic)
     classes = tuple(data.classes)
     records = load_records(data.layout, data.root, classes, data.manifest)
-    split_records(records, "train", classes)  # fail early on a missing or one-class split
+    train_set = split_records(records, "train", classes)  # fails early on a missing or one-class split
     if not audit.enabled:
-        train_set = split_records(records, "train", classes)
         bad = scan_images(train_set["path"].tolist(), data.on_bad_file)
         train_set = train_set[~train_set["path"].isin({p for p, _ in bad})]
         return split_records(train_set, "train", classes)[["path", "label"]], bad, None
