@@ -21,7 +21,7 @@ from melanoma.synthetic import render_lesion
 
 from conftest import make_config
 
-SIZE = 160
+SIZE = 300  # the seed dataset's image size
 
 
 def _save(img: Image.Image, path: Path, quality: int = 92) -> Path:
@@ -143,3 +143,14 @@ def test_audit_cli_writes_its_report(planted, tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "audit.json").read_text())
     assert on_disk == json.loads(json.dumps(summary)) and on_disk["pairs_crossing_folds"] is not None
     assert len(pd.read_csv(tmp_path / "duplicates.csv")) == 8
+
+
+def test_empty_or_missing_splits_are_reported_not_assumed(planted, tmp_path: Path) -> None:
+    root, _ = planted
+    data = tmp_path / "data"
+    shutil.copytree(root / "train", data / "train")
+    for f in (data / "train" / "malignant").iterdir():
+        f.unlink()
+    summary = run_audit(make_config([f"data.root={data}"], "audit_run"), tmp_path / "out")
+    assert summary["missing_splits"] == ["test"] and summary["empty_classes"] == ["train/1"]
+    assert summary["test_with_train_duplicate_share"] is None and summary["pairs_crossing_folds"] is None

@@ -205,3 +205,21 @@ def test_each_image_is_decoded_once_per_ensemble(run_dir: Path, tmp_path: Path,
     monkeypatch.setattr(melanoma.data, "load_image", lambda path: calls.append(path) or real(path))
     evaluate_run(_eval_cfg(run_dir, "eval.tta=flip"), tmp_path)
     assert len(calls) == 20 == len(set(calls))  # 3 models x 2 views, one decode per image
+
+
+def test_dedup_metrics_leave_out_exactly_the_test_copies_of_train_images(run_dir: Path, tiny_data: Path,
+                                                                          tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    leaked = [data / "test" / "benign" / "leak0.jpg", data / "test" / "malignant" / "leak1.jpg"]
+    shutil.copyfile(sorted((data / "train" / "benign").iterdir())[0], leaked[0])
+    shutil.copyfile(sorted((data / "train" / "malignant").iterdir())[3], leaked[1])
+    metrics = evaluate_run(_eval_cfg(run_dir, f"data.root={data}"), tmp_path / "out")
+    pred = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert set(pred.loc[pred["has_train_duplicate"], "path"]) == {str(p) for p in leaked}
+    assert metrics["n_images"] == 22 and metrics["dedup"]["n_removed"] == 2 and metrics["dedup"]["n_images"] == 20
+    kept = pred[~pred["has_train_duplicate"]]
+    auc = metrics["dedup"]["thresholds"]["0.5"]["metrics"]["auc"]["value"]
+    from sklearn.metrics import roc_auc_score
+
+    assert auc == pytest.approx(roc_auc_score(kept["label"], kept["prob"]))

@@ -7,8 +7,10 @@ split; random folds also put copies of one lesion on both sides. This module fin
 - near-duplicates: a 143-bit DCT perceptual hash (pHash) of the 32x32 grayscale image,
   compared under all 8 flips/90-degree rotations, since a mirrored or rotated photo of a
   lesion is still the same lesion (for dermoscopy a flip *does* count as a duplicate).
-  Measured on generated lesions: JPEG re-encodes, 90% resizes, small shifts and crops stay
-  within ~10 bits, distinct look-alike lesions are 30+ bits apart; the default threshold is 20.
+  Measured on generated 300-px lesions: JPEG re-encodes at quality 60 and flips/rotations stay
+  within 2 bits, 90% resizes and 4-pixel shifts within 12; among 10,605 distinct look-alike
+  lesions (56 million pairs) the closest two are 16 bits apart. The default threshold is 14.
+  Crops of 6+ pixels (16-22 bits) are not reliably caught.
 
 Hashes are cached by file content, so a second audit of an unchanged dataset only reads and
 checksums the files. Pairs are found with vectorised numpy over packed bits (no Python loop
@@ -21,7 +23,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from melanoma.data import load_image
 
 HASH_VERSION = 1
 _GRID, _KEEP = 32, 12  # hash the lowest 12x12 DCT frequencies of a 32x32 image, DC left out
+_BITS = _KEEP * _KEEP - 1
 _WORDS = 3  # 143 bits packed into three uint64 words
 
 
@@ -116,31 +119,51 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
     return pd.DataFrame(rows)
 
 
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int, chunk: int = 32) -> pd.DataFrame:
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int, chunk: int = 512) -> pd.DataFrame:
     """Pairs (i < j) whose hashes differ by at most ``threshold`` bits under some flip/rotation.
+
+    Hamming distances come from one matrix product: with bits mapped to +-1, the distance of
+    two hashes is ``(n_bits - dot) / 2``, so BLAS compares every image with all 8 variants of
+    every other (about 5 s for 10,605 images on 2 cores, against ~40 s for popcounts in numpy).
 
     Args:
         hashes: (n, 8, 3) uint64, the 8 variants of each image's hash.
         threshold: maximal Hamming distance of a near-duplicate pair.
-        chunk: rows compared at once (memory is chunk x n x 8 x 3 words).
+        chunk: rows compared at once (memory is about chunk x n x 32 bytes).
 
     Returns:
         Columns ``i, j, distance``.
     """
     n = len(hashes)
+    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]
+    signs = bits.astype(np.float32) * 2 - 1  # (n, 8, bits); float32 products of +-1 are exact
+    variants = np.ascontiguousarray(signs.transpose(1, 0, 2).reshape(8 * n, _BITS).T)  # column k * n + j
     found = []
-    base = hashes[:, 0, :]
     for start in range(0, n, chunk):
-        rows = base[start:start + chunk]
-        dist = np.bitwise_count(rows[:, None, None, :] ^ hashes[None, :, :, :]).sum(-1, dtype=np.int32).min(-1)
+        dots = signs[start:start + chunk, 0, :] @ variants
+        dist = ((_BITS - dots.reshape(len(dots), 8, n).max(1)) / 2).round().astype(np.int32)
         i, j = np.nonzero(dist <= threshold)
-        i = i + start
-        keep = j > i
-        found.append(pd.DataFrame({"i": i[keep], "j": j[keep], "distance": dist[i[keep] - start, j[keep]]}))
+        keep = j > i + start
+        found.append(pd.DataFrame({"i": i[keep] + start, "j": j[keep], "distance": dist[i[keep], j[keep]]}))
     return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["i", "j", "distance"])
 
 
-def audit_records(records: pd.DataFrame, threshold: int = 20, workers: int | None = None,
+def _cached_pairs(shas: list[str], threshold: int, cache_dir: Path | None,
+                  search: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The pair search's result for exactly these file contents in this order, cached on disk."""
+    if not shas:
+        return pd.DataFrame({"i": [], "j": [], "distance": []}, dtype=int)
+    key = hashlib.sha256(f"{HASH_VERSION}:{threshold}:{','.join(shas)}".encode()).hexdigest()[:32]
+    path = (cache_dir or default_cache()) / f"pairs-v{HASH_VERSION}-{key}.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    pairs = search()
+    with atomic_path(path) as tmp:
+        pairs.to_csv(tmp, index=False)
+    return pairs
+
+
+def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | None = None,
                   cache_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Audit a dataset's records (``path, label, split``).
 
@@ -160,11 +183,10 @@ def audit_records(records: pd.DataFrame, threshold: int = 20, workers: int | Non
     table = hash_images(records["path"].tolist(), workers, cache_dir)
     images = records.assign(sha256=table["sha256"], error=table["error"], size=table["size"], mode=table["mode"])
     ok = np.flatnonzero(table["error"].isna().to_numpy())
-    pairs = pd.DataFrame(columns=["i", "j", "distance"])
-    if len(ok):
-        hashes = np.stack(table["hashes"].iloc[ok].to_numpy())
-        pairs = near_duplicate_pairs(hashes, threshold)
-        pairs[["i", "j"]] = ok[pairs[["i", "j"]].to_numpy(dtype=int)] if len(pairs) else pairs[["i", "j"]]
+    pairs = _cached_pairs(table["sha256"].iloc[ok].tolist(), threshold, cache_dir,
+                          lambda: near_duplicate_pairs(np.stack(table["hashes"].iloc[ok].to_numpy()), threshold))
+    if len(pairs):
+        pairs[["i", "j"]] = ok[pairs[["i", "j"]].to_numpy(dtype=int)]
     n = len(images)
     graph = coo_matrix((np.ones(len(pairs)), (pairs["i"].astype(int), pairs["j"].astype(int))), shape=(n, n))
     images["group"] = connected_components(graph, directed=False)[1]
@@ -208,6 +230,7 @@ def _summarise(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int) -> dic
         "n_images": int(len(images)),
         "counts": counts,
         "missing_splits": [s for s in ("train", "test") if s not in counts],
+        "empty_classes": [f"{split}/{label}" for split, c in counts.items() for label in ("0", "1") if label not in c],
         "sizes": {f"{w}x{h}": int(c) for (w, h), c in Counter(map(tuple, readable["size"])).most_common(10)},
         "modes": dict(Counter(readable["mode"])),
         "unreadable": [{"path": p, "reason": r} for p, r in images.loc[images["error"].notna(), ["path", "error"]]

@@ -11,7 +11,6 @@ closes in training.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.data import load_records
-from melanoma.errors import DataError, MelanomaError
+from melanoma.errors import DataError, report_user_errors
 from melanoma.folds import make_folds
 from melanoma.synthetic import generate_dataset
 
@@ -35,7 +34,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     data = cfg.data
     if data.synthetic:
         generate_dataset(data.root, **data.synthetic)
-    records = load_records(data.layout, data.root, tuple(data.classes), data.manifest)
+    records = load_records(data.layout, data.root, tuple(data.classes), data.manifest, strict=False)
     if records.empty:
         raise DataError(f"the dataset at {data.root} holds no images")
     images, pairs, summary = audit_records(records, cfg.audit.threshold, workers=cfg.audit.workers)
@@ -47,6 +46,8 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     write_csv(pairs, out_dir / "duplicates.csv")
     for split in summary["missing_splits"]:
         print(f"note: the dataset has no {split} split")
+    for name in summary["empty_classes"]:
+        print(f"note: {name} holds no images")
     print(f"{summary['n_images']} images audited: {summary_line(summary)}")
     if summary["pairs_crossing_folds"] is not None:
         print(f"random {cfg.cv.folds}-fold splits would put {summary['pairs_crossing_folds']} duplicate pairs "
@@ -57,11 +58,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="audit_run")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_audit(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except MelanomaError as exc:
-        print(f"melanoma-audit: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report_user_errors("melanoma-audit", run_audit, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:

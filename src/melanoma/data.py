@@ -41,19 +41,25 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
-def _class_folders(root: Path, classes: tuple[str, str], split: str) -> list[dict]:
-    """Records of ``root/<class>/*`` for both classes; the last class is the positive one."""
+def _class_folders(root: Path, classes: tuple[str, str], split: str, strict: bool = True) -> list[dict]:
+    """Records of ``root/<class>/*`` for both classes; the last class is the positive one.
+
+    With ``strict=False`` (the audit) a missing or empty class folder yields no rows instead of
+    an error, so that it can be reported.
+    """
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     missing = [c for c in classes if c not in found]
-    if missing:
+    if missing and not strict:
+        log.warning("%s has no folder %s", root, ", ".join(missing))
+    elif missing:
         raise DataError(
             f"{root} has no folder {missing[0]!r} (found: {', '.join(found) or 'none'}); "
             f"set data.classes=[NEGATIVE,POSITIVE] to the class folder names"
         )
     rows = []
     for label, cls in enumerate(classes):
-        images = _list_images(root / cls)
-        if not images:
+        images = _list_images(root / cls) if (root / cls).is_dir() else []
+        if not images and strict:
             raise DataError(f"{root / cls} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                             "add images or point data.root elsewhere")
         rows += [{"path": str(p), "label": label, "split": split} for p in images]
@@ -90,6 +96,7 @@ def load_records(
     root: str | Path | None,
     classes: tuple[str, str] = ("benign", "malignant"),
     manifest: str | Path | None = None,
+    strict: bool = True,
 ) -> pd.DataFrame:
     """Find every image of a dataset.
 
@@ -100,6 +107,7 @@ def load_records(
             manifest's folder).
         classes: negative and positive class names, as folder names or manifest labels.
         manifest: the CSV file, for the ``csv`` layout.
+        strict: raise on a missing or empty class folder (``False`` lets the audit report it).
 
     Returns:
         One row per image: ``path`` (str), ``label`` (0 or 1), ``split`` (``train``/``test``).
@@ -122,14 +130,14 @@ def load_records(
                         "or try the built-in synthetic set with data=demo")
     root = Path(root).expanduser()
     if layout == "folder":
-        rows = _class_folders(root, classes, "train")
+        rows = _class_folders(root, classes, "train", strict)
     else:
         if not (root / "train").is_dir():
             raise DataError(f"{root} has no train/ folder; the kaggle layout is ROOT/train/<class>/ and "
                             "ROOT/test/<class>/ (use data=folder for ROOT/<class>/)")
-        rows = _class_folders(root / "train", classes, "train")
+        rows = _class_folders(root / "train", classes, "train", strict)
         if (root / "test").is_dir():
-            rows += _class_folders(root / "test", classes, "test")
+            rows += _class_folders(root / "test", classes, "test", strict)
         else:
             log.warning("%s has no test/ folder: only the training split is available", root)
     return pd.DataFrame(rows, columns=["path", "label", "split"])

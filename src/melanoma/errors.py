@@ -4,6 +4,12 @@ Entry points print these as one line and exit with status 2; anything else is a 
 keeps its traceback.
 """
 
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class MelanomaError(Exception):
     """Base class of the errors that are reported to the user as one line."""
@@ -19,3 +25,16 @@ class DataError(MelanomaError):
 
 class WeightsError(MelanomaError):
     """Model weights cannot be created or loaded."""
+
+
+def report_user_errors(prog: str, func: Callable[..., T], *args: Any) -> T:
+    """Call ``func(*args)``; a :class:`MelanomaError` becomes one line on stderr and exit status 2.
+
+    Every console entry point wraps its work in this, so users see ``prog: error: ...`` with
+    the key or file and the fix, never a traceback, while real bugs keep theirs.
+    """
+    try:
+        return func(*args)
+    except MelanomaError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,7 +10,6 @@ Only this module reads the eval config; the work is done by inference, confidenc
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,7 @@ from melanoma.audit import audit_records, leaked_test_paths
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with_ci
 from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, scan_images
-from melanoma.errors import ConfigError, DataError, MelanomaError
+from melanoma.errors import ConfigError, DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
 from melanoma.plots import plot_evaluation
 from melanoma.runtime import resolve_runtime
@@ -168,11 +167,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        evaluate_run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except MelanomaError as exc:
-        print(f"melanoma-eval: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report_user_errors("melanoma-eval", evaluate_run, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ files are skipped with a warning; every readable image gets one row.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 
 from melanoma.checkpoint import write_csv
 from melanoma.data import IMAGE_EXTENSIONS, ImageDataset, make_loader, resolve_num_workers, scan_images
-from melanoma.errors import DataError, MelanomaError
+from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
 from melanoma.runtime import resolve_runtime
 from melanoma.transforms import build_transforms
@@ -79,11 +78,7 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        predict_images(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except MelanomaError as exc:
-        print(f"melanoma-predict: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report_user_errors("melanoma-predict", predict_images, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ into plain arguments for the data, folds, models, engine, metrics and plots modu
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from melanoma.data import (
     split_records,
 )
 from melanoma.engine import fit, make_loss
-from melanoma.errors import ConfigError, MelanomaError
+from melanoma.errors import ConfigError, report_user_errors
 from melanoma.folds import make_folds
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.models import create_model, model_normalization
@@ -185,11 +184,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's entry: returns the mean monitored metric, for sweepers that optimise it."""
-    try:
-        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except MelanomaError as exc:
-        print(f"melanoma-train: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    metrics = report_user_errors("melanoma-train", train, cfg, Path(HydraConfig.get().runtime.output_dir))
     return metrics["mean"].get(cfg.trainer.monitor) if cfg.trainer.monitor != "loss" else None
 
 
