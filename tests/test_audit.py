@@ -107,8 +107,8 @@ def test_grouped_folds_never_split_a_group(planted, tmp_path: Path) -> None:
 
 def test_leaked_test_images_are_the_cross_split_copies(planted, tmp_path: Path) -> None:
     root, _ = planted
-    images, pairs, _ = _audit(root, tmp_path)
-    assert {Path(p).name for p in leaked_test_paths(images, pairs)} == {"exact.jpg", "q60.jpg", "resized.jpg",
+    _, pairs, _ = _audit(root, tmp_path)
+    assert {Path(p).name for p in leaked_test_paths(pairs)} == {"exact.jpg", "q60.jpg", "resized.jpg",
                                                                          "flipped.jpg"}
 
 

@@ -116,9 +116,12 @@ def test_another_labelled_set_via_data_override(run_dir: Path, tiny_data: Path, 
     for cls in ("benign", "malignant"):
         shutil.copytree(tiny_data / "test" / cls, folder / cls)
     (folder / "benign" / "corrupt.jpg").write_bytes(b"not an image")
+    shutil.copyfile(sorted((tiny_data / "train" / "benign").iterdir())[5], folder / "benign" / "seen.jpg")
     metrics = evaluate_run(_eval_cfg(run_dir, "data=folder", f"data.root={folder}", "data.on_bad_file=skip"),
                            tmp_path / "out")
-    assert metrics["n_images"] == 20 and metrics["n_skipped"] == 1 and metrics["data"]["layout"] == "folder"
+    assert metrics["n_images"] == 21 and metrics["n_skipped"] == 1 and metrics["data"]["layout"] == "folder"
+    # dedup compares against the images the run trained on, not the other set's own splits
+    assert metrics["dedup"]["n_removed"] == 1 and metrics["dedup"]["n_images"] == 20
 
 
 def test_one_class_test_set_reports_unavailable_metrics(run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -191,8 +191,8 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
     graph = coo_matrix((np.ones(len(pairs)), (pairs["i"].astype(int), pairs["j"].astype(int))), shape=(n, n))
     images["group"] = connected_components(graph, directed=False)[1]
 
-    a, b = images.iloc[pairs["i"].astype(int)].reset_index(drop=True), images.iloc[pairs["j"].astype(int)].reset_index(
-        drop=True)
+    a = images.iloc[pairs["i"].astype(int)].reset_index(drop=True)
+    b = images.iloc[pairs["j"].astype(int)].reset_index(drop=True)
     out = pd.DataFrame({
         "path_a": a["path"], "path_b": b["path"], "split_a": a["split"], "split_b": b["split"],
         "label_a": a["label"], "label_b": b["label"],
@@ -212,7 +212,7 @@ def add_fold_crossings(pairs: pd.DataFrame, summary: dict, fold_by_path: Mapping
     summary["pairs_crossing_folds"] = int(pairs["crosses_folds"].sum())
 
 
-def leaked_test_paths(images: pd.DataFrame, pairs: pd.DataFrame) -> set[str]:
+def leaked_test_paths(pairs: pd.DataFrame) -> set[str]:
     """Test images that have an exact or near duplicate in the training split."""
     cross = pairs[pairs["crosses_split"] & pairs["split_a"].isin(["train", "test"])
                   & pairs["split_b"].isin(["train", "test"])]
@@ -223,7 +223,7 @@ def _summarise(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int) -> dic
     counts = {split: {str(label): int(c) for label, c in part.groupby("label").size().items()}
               for split, part in images.groupby("split")}
     readable = images[images["error"].isna()]
-    leaked = leaked_test_paths(images, pairs)
+    leaked = leaked_test_paths(pairs)
     n_test = int((images["split"] == "test").sum())
     return {
         "hash": {"kind": "dct-phash-143bit-d4", "version": HASH_VERSION, "threshold": threshold},

@@ -38,14 +38,13 @@ def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str,
     reported as unavailable rather than failing the evaluation.
 
     Returns:
-        ``(images to score, skipped (path, reason), every record of the dataset)``.
+        ``(images to score, skipped (path, reason))``.
     """
     if split not in ("test", "train", "all"):
         raise ConfigError(f"eval.split={split!r} is not one of test, train, all")
     if data.get("synthetic"):
         generate_dataset(data["root"], **data["synthetic"])
-    every = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
-    records = every
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
     if data["layout"] != "folder" and split != "all":
         records = records[records["split"] == split]
     if records.empty:
@@ -55,19 +54,29 @@ def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str,
     records = records[~records["path"].isin({p for p, _ in bad})]
     if records.empty:
         raise DataError(f"none of the {split} images could be read")
-    return records[["path", "label"]].reset_index(drop=True), bad, every
+    return records[["path", "label"]].reset_index(drop=True), bad
 
 
-def train_duplicates(every: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None) -> set[str]:
-    """Scored images that have an exact or near duplicate among the dataset's training images."""
-    train = every[every["split"] == "train"]
+def training_images(run_data: dict) -> pd.DataFrame:
+    """The training split the run learned from, read again from its data config.
+
+    Raises:
+        DataError: it is no longer where the run found it.
+    """
+    records = load_records(run_data["layout"], run_data["root"], tuple(run_data["classes"]),
+                           run_data.get("manifest"), strict=False)
+    return records[records["split"] == "train"]
+
+
+def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None) -> set[str]:
+    """Scored images that have an exact or near duplicate among the run's training images."""
     scored_paths = set(scored["path"])
     if train.empty:
         return set()
     both = pd.concat([train.assign(split="train"),
                       scored.assign(split="test")[~scored["path"].isin(set(train["path"]))]], ignore_index=True)
-    images, pairs, _ = audit_records(both, threshold, workers=workers)
-    return leaked_test_paths(images, pairs) & scored_paths
+    _, pairs, _ = audit_records(both, threshold, workers=workers)
+    return leaked_test_paths(pairs) & scored_paths
 
 
 def _format_table(results: dict) -> str:
@@ -101,7 +110,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
     data = ensemble.config["data"] | overrides
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
-    eval_set, bad, every = load_eval_set(data, cfg.eval.split)
+    eval_set, bad = load_eval_set(data, cfg.eval.split)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
 
@@ -121,8 +130,13 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
                               cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)
     unavailable = results.pop("unavailable", {})
     dedup = None
-    if cfg.eval.dedup:
-        leaked = train_duplicates(every, predictions, cfg.audit.threshold, cfg.audit.workers)
+    try:
+        train_images = training_images(ensemble.config["data"]) if cfg.eval.dedup else None
+    except DataError as exc:
+        log.warning("no deduplicated metrics: the run's training data cannot be read (%s)", exc)
+        train_images = None
+    if train_images is not None:
+        leaked = train_duplicates(train_images, predictions, cfg.audit.threshold, cfg.audit.workers)
         kept = predictions[~predictions["path"].isin(leaked)]
         predictions["has_train_duplicate"] = predictions["path"].isin(leaked)
         dedup = {"n_removed": len(leaked), "n_images": int(len(kept)), "n_positive": int(kept["label"].sum()),
