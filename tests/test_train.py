@@ -126,6 +126,15 @@ def test_multirun_of_two_points(tiny_data: Path, tmp_path: Path) -> None:
         assert load_checkpoint(job_dir / "fold0" / "best.pt")["config"]["optimizer"]["lr"] == lr
 
 
+def test_a_failing_sweep_point_does_not_stop_the_others(tiny_data: Path, tmp_path: Path) -> None:
+    result = _cli("-m", f"data.root={tmp_path / 'missing'},{tiny_data}", *TINY, "trainer.epochs=1",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode != 0  # the sweep reports its failed point ...
+    assert "melanoma-train: error: data.root=" in result.stderr
+    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["n_images"] == 150  # ... after the rest
+
+
 def test_cli_error_is_one_line_with_the_fix(tmp_path: Path) -> None:
     result = _cli(f"data.root={tmp_path / 'nowhere'}", "model.pretrained=false", f"hydra.run.dir={tmp_path / 'r'}",
                   cwd=tmp_path)

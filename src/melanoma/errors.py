@@ -4,6 +4,7 @@ Entry points print these as one line and exit with status 2; anything else is a 
 keeps its traceback.
 """
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -27,14 +28,19 @@ class WeightsError(MelanomaError):
     """Model weights cannot be created or loaded."""
 
 
-def report_user_errors(prog: str, func: Callable[..., T], *args: Any) -> T:
+def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: bool = False) -> T:
     """Call ``func(*args)``; a :class:`MelanomaError` becomes one line on stderr and exit status 2.
 
     Every console entry point wraps its work in this, so users see ``prog: error: ...`` with
-    the key or file and the fix, never a traceback, while real bugs keep theirs.
+    the key or file and the fix, never a traceback, while real bugs keep theirs. In a Hydra
+    multirun the error is logged and re-raised instead: Hydra then marks that job failed, runs
+    the remaining points of the sweep, and reports the failure at the end.
     """
     try:
         return func(*args)
     except MelanomaError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        if multirun:
+            logging.getLogger(prog).error("%s", exc)
+            raise
         raise SystemExit(2) from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
@@ -184,7 +185,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's entry: returns the mean monitored metric, for sweepers that optimise it."""
-    metrics = report_user_errors("melanoma-train", train, cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    metrics = report_user_errors("melanoma-train", train, cfg, Path(hydra_cfg.runtime.output_dir),
+                                 multirun=hydra_cfg.mode == RunMode.MULTIRUN)
     return metrics["mean"].get(cfg.trainer.monitor) if cfg.trainer.monitor != "loss" else None
 
 
