@@ -182,3 +182,18 @@ def test_duplicates_share_a_fold_and_the_audit_can_be_skipped(tiny_data: Path, t
     metrics = _train(data, tmp_path / "plain", "trainer.epochs=1", "audit.enabled=false")
     assert metrics["grouped_folds"] is False and not (tmp_path / "plain" / "audit.json").exists()
     assert list(pd.read_csv(tmp_path / "plain" / "folds.csv").columns) == ["path", "label", "fold"]
+
+
+def test_divergence_stops_the_fold_with_the_way_out(tiny_data: Path, tmp_path: Path) -> None:
+    from melanoma.errors import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"fold 0, epoch 1.*not finite; lower optimizer\.lr \(now 1e\+08\)"):
+        _train(tiny_data, tmp_path, "optimizer=sgd", "optimizer.lr=1e8")
+
+
+def test_a_diverging_sweep_point_does_not_stop_the_other(tiny_data: Path, tmp_path: Path) -> None:
+    result = _cli("-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "optimizer=sgd", "optimizer.lr=1e8,0.01",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode != 0 and "lower optimizer.lr" in result.stderr
+    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    assert (tmp_path / "sweep" / "1" / "metrics.json").is_file()

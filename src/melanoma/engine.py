@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from melanoma.checkpoint import save_checkpoint, write_csv
-from melanoma.errors import ConfigError
+from melanoma.errors import ConfigError, NonFiniteLossError
 from melanoma.metrics import binary_metrics
 from melanoma.runtime import Runtime
 
+log = logging.getLogger(__name__)
 Monitor = Literal["auc", "loss", "accuracy", "f1", "balanced_accuracy"]
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds"]
 
@@ -50,25 +52,52 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, runtime: Runtime, scaler: torch.amp.GradScaler,
-                    desc: str = "train") -> float:
+                    desc: str = "train", skip_nonfinite: bool = False, where: str = "") -> float:
     """Run one pass over ``loader`` with gradient updates.
+
+    Args:
+        skip_nonfinite: skip the update of a batch whose loss or gradients are NaN or infinite
+            (costs a device sync per step) instead of stopping. Weights that diverge through
+            finite but huge updates still stop the fold, at validation.
+        where: context for the error message, e.g. ``"fold 1, epoch 3"``.
 
     Returns:
         The mean training loss over images.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (without ``skip_nonfinite``).
     """
     model.train()
-    total, count = torch.zeros((), device=runtime.device), 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+    total, count, skipped = torch.zeros((), device=runtime.device), 0, 0
+    first_bad = torch.full((), -1, device=runtime.device)  # checked once per epoch: no sync per step
+    for step, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)):
         images, labels = _to_device(images, labels, runtime)
         with runtime.autocast():
             logits = model(images).squeeze(1)
         loss = loss_fn(logits.float(), labels)
+        if skip_nonfinite and not torch.isfinite(loss):
+            skipped += 1
+            continue
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if skip_nonfinite:
+            scaler.unscale_(optimizer)
+            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))):
+                scaler.update()  # resets the scaler's per-step state; the update itself is skipped
+                skipped += 1
+                continue
         scaler.step(optimizer)
         scaler.update()
         total += loss.detach() * len(labels)  # stays on the device: no sync per step
         count += len(labels)
+    if int(first_bad) >= 0:
+        lr = optimizer.param_groups[0]["lr"]
+        raise NonFiniteLossError(f"{where}{', ' if where else ''}step {int(first_bad)}: the training loss is not "
+                                 f"finite; lower optimizer.lr (now {lr:g}) or use trainer.precision=fp32, or set "
+                                 "trainer.skip_nonfinite=true to skip such batches")
+    if skipped:
+        log.warning("%s: skipped %d batch(es) with a non-finite loss", where or desc, skipped)
     return float(total) / max(count, 1)
 
 
@@ -121,7 +150,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
         monitor: Monitor = "auc", fold: int = 0, checkpoint_extra: dict | None = None,
-        on_epoch: Callable[[int, dict], None] | None = None) -> FoldResult:
+        skip_nonfinite: bool = False, on_epoch: Callable[[int, dict], None] | None = None) -> FoldResult:
     """Train one fold, keep the best epoch's weights and predictions.
 
     Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
@@ -142,6 +171,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         monitor: validation metric that picks the best epoch (``loss`` is minimised).
         fold: the fold index, stored in the checkpoint.
         checkpoint_extra: further plain values stored in ``best.pt`` (e.g. the preprocessing).
+        skip_nonfinite: skip batches with a NaN/infinite loss instead of stopping the fold.
         on_epoch: called with ``(epoch, history_row)`` after each epoch.
 
     Returns:
@@ -155,8 +185,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
     for epoch in tqdm(range(1, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler)
+        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler,
+                                     skip_nonfinite=skip_nonfinite, where=f"fold {fold}, epoch {epoch}")
         val_loss, probs = evaluate(model, val_loader, loss_fn, runtime)
+        if not np.isfinite(probs).all():  # the last updates of the epoch diverged
+            raise NonFiniteLossError(
+                f"fold {fold}, epoch {epoch}: the model's validation outputs are not finite; lower optimizer.lr "
+                f"(now {lr:g}) or use trainer.precision=fp32")
         if scheduler is not None:
             scheduler.step()
         metrics = binary_metrics(val_labels, probs)

@@ -28,6 +28,10 @@ class WeightsError(MelanomaError):
     """Model weights cannot be created or loaded."""
 
 
+class NonFiniteLossError(MelanomaError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
 def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: bool = False) -> T:
     """Call ``func(*args)``; a :class:`MelanomaError` becomes one line on stderr and exit status 2.
 

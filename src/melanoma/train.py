@@ -144,7 +144,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         result = fit(model, *loaders, va["label"].to_numpy(), optimizer, scheduler,
                      make_loss(cfg.trainer.pos_weight, tr["label"].to_numpy()), runtime, cfg.trainer.epochs,
                      run_dir / f"fold{k}", config, cfg.trainer.monitor, fold=k,
-                     checkpoint_extra={"preprocess": preprocess, "classes": list(cfg.data.classes)})
+                     checkpoint_extra={"preprocess": preprocess, "classes": list(cfg.data.classes)},
+                     skip_nonfinite=cfg.trainer.skip_nonfinite)
         per_fold.append({"fold": k, "best_epoch": result.best_epoch} | result.metrics)
         oof.append(va.assign(fold=k, prob=result.probs))
         log.info("fold %d: best epoch %d, val auc %s", k, result.best_epoch, result.metrics["auc"])

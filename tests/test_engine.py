@@ -1,0 +1,46 @@
+"""The training loop's guard against NaN/infinite losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melanoma.engine import train_one_epoch
+from melanoma.errors import NonFiniteLossError
+from melanoma.runtime import resolve_runtime
+
+
+class _NaNOnSecondBatch(torch.nn.Module):
+    """BCE loss that returns NaN for the second batch of each epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        return loss * float("nan") if self.calls == 2 else loss
+
+
+def _setup() -> tuple[torch.nn.Module, torch.utils.data.DataLoader, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 2, 2), torch.tensor([0.0, 1.0] * 4))
+    return model, torch.utils.data.DataLoader(data, batch_size=2), torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_a_nan_loss_names_the_step_and_the_fixes() -> None:
+    model, loader, opt = _setup()
+    rt = resolve_runtime("cpu", "fp32")
+    with pytest.raises(NonFiniteLossError, match=r"fold 2, epoch 5, step 1: .*optimizer\.lr \(now 0\.1\).*"
+                                                 r"trainer\.precision=fp32.*trainer\.skip_nonfinite=true"):
+        train_one_epoch(model, loader, opt, _NaNOnSecondBatch(), rt, rt.grad_scaler(), where="fold 2, epoch 5")
+
+
+def test_skip_nonfinite_skips_only_the_bad_batch() -> None:
+    model, loader, opt = _setup()
+    rt = resolve_runtime("cpu", "fp32")
+    loss = train_one_epoch(model, loader, opt, _NaNOnSecondBatch(), rt, rt.grad_scaler(), skip_nonfinite=True)
+    assert torch.isfinite(torch.tensor(loss))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
