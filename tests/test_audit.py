@@ -93,7 +93,8 @@ def test_detector_finds_exactly_the_planted_pairs(planted, tmp_path: Path) -> No
     assert {Path(conflict["path_a"]).name, Path(conflict["path_b"]).name} == {"o07.jpg", "conflict.jpg"}
     assert summary["test_with_train_duplicate"] == 4 and summary["test_with_train_duplicate_share"] == 4 / 10
     assert summary["unreadable"][0]["path"].endswith("broken.jpg") and summary["unreadable"][0]["reason"]
-    assert summary["counts"] == {"test": {"0": 5, "1": 5}, "train": {"0": 24, "1": 21}}
+    assert summary["counts"] == {"test": {"benign": 5, "malignant": 5},
+                                 "train": {"benign": 24, "malignant": 21}}
 
 
 def test_grouped_folds_never_split_a_group(planted, tmp_path: Path) -> None:
@@ -152,5 +153,5 @@ def test_empty_or_missing_splits_are_reported_not_assumed(planted, tmp_path: Pat
     for f in (data / "train" / "malignant").iterdir():
         f.unlink()
     summary = run_audit(make_config([f"data.root={data}"], "audit_run"), tmp_path / "out")
-    assert summary["missing_splits"] == ["test"] and summary["empty_classes"] == ["train/1"]
+    assert summary["missing_splits"] == ["test"] and summary["empty_classes"] == ["train/malignant"]
     assert summary["test_with_train_duplicate_share"] is None and summary["pairs_crossing_folds"] is None

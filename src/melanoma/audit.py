@@ -164,7 +164,8 @@ def _cached_pairs(shas: list[str], threshold: int, cache_dir: Path | None,
 
 
 def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | None = None,
-                  cache_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                  cache_dir: Path | None = None, classes: tuple[str, str] = ("benign", "malignant"),
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Audit a dataset's records (``path, label, split``).
 
     Args:
@@ -172,6 +173,7 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
         threshold: Hamming distance (of 143 bits) up to which two images are near-duplicates.
         workers: processes for hashing.
         cache_dir: hash cache folder.
+        classes: names of labels 0 and 1, for the report.
 
     Returns:
         ``(images, pairs, summary)``: ``images`` adds ``sha256, error, group`` (duplicate group id,
@@ -201,7 +203,7 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
     })
     out["crosses_split"] = out["split_a"] != out["split_b"]
     out["label_conflict"] = out["label_a"] != out["label_b"]
-    summary = _summarise(images, out, threshold)
+    summary = _summarise(images, out, threshold, classes)
     return images, out, summary
 
 
@@ -219,8 +221,8 @@ def leaked_test_paths(pairs: pd.DataFrame) -> set[str]:
     return set(cross.loc[cross["split_a"] == "test", "path_a"]) | set(cross.loc[cross["split_b"] == "test", "path_b"])
 
 
-def _summarise(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int) -> dict:
-    counts = {split: {str(label): int(c) for label, c in part.groupby("label").size().items()}
+def _summarise(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int, classes: tuple[str, str]) -> dict:
+    counts = {split: {classes[label]: int(c) for label, c in part.groupby("label").size().items()}
               for split, part in images.groupby("split")}
     readable = images[images["error"].isna()]
     leaked = leaked_test_paths(pairs)
@@ -230,7 +232,7 @@ def _summarise(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int) -> dic
         "n_images": int(len(images)),
         "counts": counts,
         "missing_splits": [s for s in ("train", "test") if s not in counts],
-        "empty_classes": [f"{split}/{label}" for split, c in counts.items() for label in ("0", "1") if label not in c],
+        "empty_classes": [f"{split}/{name}" for split, c in counts.items() for name in classes if name not in c],
         "sizes": {f"{w}x{h}": int(c) for (w, h), c in Counter(map(tuple, readable["size"])).most_common(10)},
         "modes": dict(Counter(readable["mode"])),
         "unreadable": [{"path": p, "reason": r} for p, r in images.loc[images["error"].notna(), ["path", "error"]]

@@ -37,7 +37,8 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     records = load_records(data.layout, data.root, tuple(data.classes), data.manifest, strict=False)
     if records.empty:
         raise DataError(f"the dataset at {data.root} holds no images")
-    images, pairs, summary = audit_records(records, cfg.audit.threshold, workers=cfg.audit.workers)
+    images, pairs, summary = audit_records(records, cfg.audit.threshold, workers=cfg.audit.workers,
+                                           classes=tuple(data.classes))
     train = images[(images["split"] == "train") & images["error"].isna()]
     if len(train) and train["label"].nunique() == 2 and train["label"].value_counts().min() >= cfg.cv.folds:
         folds = make_folds(train["label"].to_numpy(), cfg.cv.folds, cfg.cv.seed)

@@ -64,7 +64,7 @@ def load_training_set(data: DictConfig, audit: DictConfig) -> tuple[pd.DataFrame
         bad = scan_images(train_set["path"].tolist(), data.on_bad_file)
         train_set = train_set[~train_set["path"].isin({p for p, _ in bad})]
         return split_records(train_set, "train", classes)[["path", "label"]], bad, None
-    images, pairs, summary = audit_records(records, audit.threshold, workers=audit.workers)
+    images, pairs, summary = audit_records(records, audit.threshold, workers=audit.workers, classes=classes)
     train_images = images[images["split"] == "train"]
     unreadable = train_images[train_images["error"].notna()]
     bad = handle_bad_files(list(unreadable[["path", "error"]].itertuples(index=False, name=None)), data.on_bad_file)
