@@ -252,11 +252,12 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
     """A DataLoader that shuffles reproducibly from ``seed`` when training.
 
     Worker processes are seeded by torch from the loader's generator, so augmentations
-    repeat exactly across runs with the same seed.
+    repeat exactly across runs with the same seed. Persistent workers carry their random state
+    from epoch to epoch; turn them off to make a resumed run repeat an uninterrupted one.
     """
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -266,6 +267,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         drop_last=train and len(dataset) > batch_size,  # a batch of one breaks BatchNorm
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent_workers and num_workers > 0,
         generator=generator,
     )

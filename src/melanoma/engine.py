@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from melanoma.checkpoint import save_checkpoint, write_csv
+from melanoma.checkpoint import FORMAT_VERSION, atomic_path, load_checkpoint, save_checkpoint, write_csv
 from melanoma.errors import ConfigError, NonFiniteLossError
 from melanoma.metrics import binary_metrics
-from melanoma.runtime import Runtime
+from melanoma.runtime import Runtime, get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 Monitor = Literal["auc", "loss", "accuracy", "f1", "balanced_accuracy"]
@@ -146,6 +146,43 @@ def _score(monitor: Monitor, val_loss: float, metrics: dict) -> float:
     return -math.inf if value is None else value
 
 
+def _comparable(config: dict) -> dict:
+    """The parts of a run config that must match for a resume (``resume`` itself may differ)."""
+    return {k: v for k, v in config.items() if k != "resume"}
+
+
+def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple) -> None:
+    """Write ``last.pt``: the state after ``epoch``, atomically, loadable with ``weights_only``."""
+    score, best_epoch, metrics, probs = best
+    with atomic_path(path) as tmp:
+        torch.save({
+            "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "history": rows,
+            "best": {"score": score, "epoch": best_epoch, "metrics": metrics, "probs": torch.from_numpy(probs)},
+            "rng": get_rng_state(), "loader_rng": train_loader.generator.get_state(),
+        }, tmp)
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+             train_loader: DataLoader, config: dict) -> tuple[list[dict], tuple, int]:
+    """Load ``last.pt`` into the training objects; returns history rows, best, next epoch."""
+    state = load_checkpoint(path)
+    if _comparable(state.get("config", {})) != _comparable(config):
+        raise ConfigError(f"{path} was written by a run with another config; resume with the same overrides, "
+                          "or train into a new run directory")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    train_loader.generator.set_state(state["loader_rng"])
+    b = state["best"]
+    return list(state["history"]), (b["score"], b["epoch"], b["metrics"], b["probs"].numpy()), state["epoch"] + 1
+
+
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
@@ -154,7 +191,10 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
     """Train one fold, keep the best epoch's weights and predictions.
 
     Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
-    monitored validation metric improves.
+    monitored validation metric improves. ``fold_dir/last.pt`` holds everything needed to go on
+    after the last completed epoch (model, optimizer, scheduler, GradScaler, history, best epoch,
+    every RNG state and the shuffling generator); when it exists, training resumes from it, and
+    a finished fold is not trained again.
 
     Args:
         model: the model, already on ``runtime.device``.
@@ -181,8 +221,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         raise ConfigError(f"trainer.monitor={monitor!r} is not one of auc, loss, accuracy, f1, balanced_accuracy")
     scaler = runtime.grad_scaler()
     loss_fn = loss_fn.to(runtime.device)
-    rows, best = [], None
-    for epoch in tqdm(range(1, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
+    rows, best, first = [], None, 1
+    if (fold_dir / "last.pt").is_file():
+        rows, best, first = _restore(fold_dir / "last.pt", model, optimizer, scheduler, scaler, train_loader, config)
+        log.info("fold %d: resuming after epoch %d of %d", fold, first - 1, epochs)
+    for epoch in tqdm(range(first, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler,
@@ -204,6 +247,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
             best = (score, epoch, metrics | {"loss": val_loss}, probs)
             save_checkpoint(fold_dir / "best.pt", model, config, epoch, best[2], fold=fold,
                             **(checkpoint_extra or {}))
+        _save_state(fold_dir / "last.pt", model, optimizer, scheduler, scaler, train_loader, config, epoch, rows, best)
         if on_epoch is not None:
             on_epoch(epoch, row)
     _, best_epoch, best_metrics, best_probs = best

@@ -28,6 +28,10 @@ class WeightsError(MelanomaError):
     """Model weights cannot be created or loaded."""
 
 
+class TrainingInterrupted(BaseException):
+    """A termination signal arrived; a BaseException so that no ``except Exception`` swallows it."""
+
+
 class NonFiniteLossError(MelanomaError):
     """Training diverged: the loss became NaN or infinite."""
 

@@ -12,6 +12,8 @@ into plain arguments for the data, folds, models, engine, metrics and plots modu
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from melanoma.data import (
     split_records,
 )
 from melanoma.engine import fit, make_loss
-from melanoma.errors import ConfigError, report_user_errors
+from melanoma.errors import ConfigError, TrainingInterrupted, report_user_errors
 from melanoma.folds import make_folds
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.models import create_model, model_normalization
@@ -135,7 +137,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         model = model.to(runtime.device, memory_format=runtime.memory_format)
         loaders = [
             make_loader(ImageDataset(part["path"], part["label"], tf), cfg.data.batch_size, train=is_train,
-                        num_workers=workers, seed=cfg.seed + k, pin_memory=runtime.device.type == "cuda")
+                        num_workers=workers, seed=cfg.seed + k, pin_memory=runtime.device.type == "cuda",
+                        persistent_workers=not cfg.trainer.deterministic)
             for part, tf, is_train in ((tr, train_tf, True), (va, eval_tf, False))
         ]
         optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr,
@@ -183,12 +186,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
+# hydra.run.dir is the resumed run's directory when resume= is set, else a new dated one.
+OmegaConf.register_new_resolver("melanoma_run_dir", lambda resume, new: resume or new, replace=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise TrainingInterrupted(signal.Signals(signum).name)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's entry: returns the mean monitored metric, for sweepers that optimise it."""
     hydra_cfg = HydraConfig.get()
-    metrics = report_user_errors("melanoma-train", train, cfg, Path(hydra_cfg.runtime.output_dir),
-                                 multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # SIGTERM (SLURM preemption, kill) and Ctrl-C stop at once: the files of the last completed
+    # epoch are complete (atomic writes), and resume= goes on from them.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        metrics = report_user_errors("melanoma-train", train, cfg, run_dir,
+                                     multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    except TrainingInterrupted as exc:
+        print(f"melanoma-train: interrupted by {exc}; resume with: melanoma-train <same overrides> "
+              f"resume={run_dir}", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, str(exc)).value) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return metrics["mean"].get(cfg.trainer.monitor) if cfg.trainer.monitor != "loss" else None
 
 

@@ -1,0 +1,89 @@
+"""Crash safety: a killed run resumes to the same numbers; SIGTERM leaves complete files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from melanoma.checkpoint import load_checkpoint
+
+from conftest import TINY
+
+EXE = str(Path(sys.executable).with_name("melanoma-train"))
+
+
+def _args(data: Path, run_dir: Path | None, *extra: str) -> list[str]:
+    where = [f"hydra.run.dir={run_dir}"] if run_dir else []  # resume= picks the directory itself
+    return [EXE, f"data.root={data}", *TINY, "trainer.epochs=3", *where, *extra]
+
+
+def _start_and_wait_for(args: list[str], marker: Path, cwd: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the run never reached the marker"
+        time.sleep(0.02)
+    return proc
+
+
+def _metrics(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("seconds")  # wall time is the one thing a resumed run cannot repeat
+    return metrics
+
+
+def test_sigkill_in_fold_two_then_resume_equals_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
+    subprocess.run(_args(tiny_data, tmp_path / "straight"), cwd=tmp_path, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = _start_and_wait_for(_args(tiny_data, killed), killed / "fold1" / "last.pt", tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    assert load_checkpoint(killed / "fold1" / "last.pt")["epoch"] < 3  # really stopped inside fold 2
+    resumed = subprocess.run([*_args(tiny_data, None), f"resume={killed}"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "fold 0: resuming after epoch 3 of 3" in resumed.stdout  # the finished fold is not trained again
+    assert _metrics(killed) == _metrics(tmp_path / "straight")
+    a, b = (pd.read_csv(d / "oof_predictions.csv") for d in (killed, tmp_path / "straight"))
+    assert a["prob"].tolist() == b["prob"].tolist()
+
+
+def test_sigterm_leaves_a_loadable_checkpoint_and_no_temporary_files(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _start_and_wait_for(_args(tiny_data, run, "trainer.epochs=50"), run / "fold0" / "last.pt", tmp_path)
+    time.sleep(0.3)  # somewhere inside a later epoch
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert f"interrupted by SIGTERM; resume with: melanoma-train <same overrides> resume={run}" in stderr
+    assert "Traceback" not in stderr
+    state = load_checkpoint(run / "fold0" / "last.pt")
+    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_resume_with_another_config_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(_args(tiny_data, run, "trainer.epochs=1"), cwd=tmp_path, check=True, capture_output=True)
+    result = subprocess.run([*_args(tiny_data, None, "trainer.epochs=1", "optimizer.lr=0.5"), f"resume={run}"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "was written by a run with another config" in result.stderr.strip().splitlines()[-1]
+
+
+def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Path, tmp_path: Path) -> None:
+    args = [EXE, "-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "optimizer.lr=0.001,0.01",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+    before = [_metrics(tmp_path / "sweep" / str(j)) for j in (0, 1)]
+    again = subprocess.run(args, cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert again.stdout.count("resuming after epoch 1 of 1") == 6  # 2 points x 3 folds, none retrained
+    assert [_metrics(tmp_path / "sweep" / str(j)) for j in (0, 1)] == before
