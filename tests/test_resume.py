@@ -87,3 +87,20 @@ def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Pa
     again = subprocess.run(args, cwd=tmp_path, check=True, capture_output=True, text=True)
     assert again.stdout.count("resuming after epoch 1 of 1") == 6  # 2 points x 3 folds, none retrained
     assert [_metrics(tmp_path / "sweep" / str(j)) for j in (0, 1)] == before
+
+
+def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_data: Path, tmp_path: Path) -> None:
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "ddp"
+    result = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "melanoma.train", f"data.root={tiny_data}",
+                             *TINY, "trainer.epochs=1", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1 of 2" in (run / "train.rank1.log").read_text()  # both ranks trained
+    assert result.stdout.count("3-fold cross-validation") == 1  # only rank 0 reports
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    folds = pd.read_csv(run / "folds.csv")
+    assert len(oof) == 150 and sorted(oof["path"]) == sorted(folds["path"])  # every image exactly once
+    assert oof.merge(folds, on=["path", "label", "fold"]).shape[0] == 150
+    assert json.loads((run / "metrics.json").read_text())["n_images"] == 150
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no stray run directories

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from melanoma.errors import ConfigError, DataError
 
@@ -252,18 +252,24 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
-                pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
+                pin_memory: bool = False, persistent_workers: bool = True, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
     """A DataLoader that shuffles reproducibly from ``seed`` when training.
 
     Worker processes are seeded by torch from the loader's generator, so augmentations
     repeat exactly across runs with the same seed. Persistent workers carry their random state
     from epoch to epoch; turn them off to make a resumed run repeat an uninterrupted one.
+    Under torchrun (``world_size > 1``) a training loader shards with a ``DistributedSampler``.
     """
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train and len(dataset) > batch_size,  # a batch of one breaks BatchNorm
         num_workers=num_workers,
         pin_memory=pin_memory,

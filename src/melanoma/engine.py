@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from melanoma.checkpoint import FORMAT_VERSION, atomic_path, load_checkpoint, save_checkpoint, write_csv
 from melanoma.errors import ConfigError, NonFiniteLossError
 from melanoma.metrics import binary_metrics
-from melanoma.runtime import Runtime, get_rng_state, set_rng_state
+from melanoma.runtime import Runtime, all_sum, gather_shards, get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 Monitor = Literal["auc", "loss", "accuracy", "f1", "balanced_accuracy"]
@@ -98,7 +98,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                                  "trainer.skip_nonfinite=true to skip such batches")
     if skipped:
         log.warning("%s: skipped %d batch(es) with a non-finite loss", where or desc, skipped)
-    return float(total) / max(count, 1)
+    total_all, count_all = all_sum([float(total), float(count)], runtime)
+    return total_all / max(count_all, 1)
 
 
 @torch.inference_mode()
@@ -144,6 +145,11 @@ def _score(monitor: Monitor, val_loss: float, metrics: dict) -> float:
         return -val_loss
     value = metrics.get(monitor)
     return -math.inf if value is None else value
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its state dict has no 'module.')."""
+    return getattr(model, "module", model)
 
 
 def _comparable(config: dict) -> dict:
@@ -200,7 +206,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         model: the model, already on ``runtime.device``.
         train_loader: the fold's training images, shuffled.
         val_loader: the fold's validation images, in a fixed order.
-        val_labels: labels of the validation images, in that order.
+        val_labels: labels of all validation images; under torchrun ``val_loader`` holds this
+            rank's share ``[rank::world_size]`` and the predictions are gathered.
         optimizer: the optimizer over the model's parameters.
         scheduler: stepped once per epoch, or ``None``.
         loss_fn: the loss on logits.
@@ -223,14 +230,19 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
     loss_fn = loss_fn.to(runtime.device)
     rows, best, first = [], None, 1
     if (fold_dir / "last.pt").is_file():
-        rows, best, first = _restore(fold_dir / "last.pt", model, optimizer, scheduler, scaler, train_loader, config)
+        rows, best, first = _restore(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler,
+                                     train_loader, config)
         log.info("fold %d: resuming after epoch %d of %d", fold, first - 1, epochs)
     for epoch in tqdm(range(first, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
+        if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+            train_loader.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler,
                                      skip_nonfinite=skip_nonfinite, where=f"fold {fold}, epoch {epoch}")
         val_loss, probs = evaluate(model, val_loader, loss_fn, runtime)
+        loss_sum, n_val = all_sum([val_loss * len(probs), float(len(probs))], runtime)
+        val_loss, probs = loss_sum / max(n_val, 1), gather_shards(probs, runtime)
         if not np.isfinite(probs).all():  # the last updates of the epoch diverged
             raise NonFiniteLossError(
                 f"fold {fold}, epoch {epoch}: the model's validation outputs are not finite; lower optimizer.lr "
@@ -241,13 +253,17 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": metrics["auc"],
                "val_accuracy": metrics["accuracy"], "lr": lr, "seconds": time.perf_counter() - start}
         rows.append(row)
-        write_csv(pd.DataFrame(rows, columns=HISTORY_COLUMNS), fold_dir / "history.csv")
         score = _score(monitor, val_loss, metrics)
-        if best is None or score > best[0]:
+        improved = best is None or score > best[0]
+        if improved:
             best = (score, epoch, metrics | {"loss": val_loss}, probs)
-            save_checkpoint(fold_dir / "best.pt", model, config, epoch, best[2], fold=fold,
-                            **(checkpoint_extra or {}))
-        _save_state(fold_dir / "last.pt", model, optimizer, scheduler, scaler, train_loader, config, epoch, rows, best)
+        if runtime.is_main:  # under torchrun only rank 0 writes
+            write_csv(pd.DataFrame(rows, columns=HISTORY_COLUMNS), fold_dir / "history.csv")
+            if improved:
+                save_checkpoint(fold_dir / "best.pt", _unwrap(model), config, epoch, best[2], fold=fold,
+                                **(checkpoint_extra or {}))
+            _save_state(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler, train_loader, config,
+                        epoch, rows, best)
         if on_epoch is not None:
             on_epoch(epoch, row)
     _, best_epoch, best_metrics, best_probs = best

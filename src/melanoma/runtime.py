@@ -6,13 +6,14 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
 from melanoma.errors import ConfigError
 
+T = TypeVar("T")
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -25,11 +26,25 @@ class Runtime:
         device: the torch device to train on.
         precision: the resolved precision, one of ``fp32``, ``fp16``, ``bf16``.
         channels_last: whether images and models use the channels-last memory format.
+        rank: this process's rank under torchrun (0 otherwise).
+        world_size: number of processes under torchrun (1 otherwise).
     """
 
     device: torch.device
     precision: Literal["fp32", "fp16", "bf16"]
     channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether several processes train together (DistributedDataParallel)."""
+        return self.world_size > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context for the forward pass; a no-op in fp32."""
@@ -75,7 +90,48 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
         precision = "fp16" if device == "cuda" else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs CUDA; use trainer.precision=fp32 or bf16 on the CPU")
-    return Runtime(torch.device(device), precision, channels_last and device == "cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(torch.device(device), precision, channels_last and device == "cuda")
+    # Launched by torchrun: one process per device, PyTorch's own DDP (nccl on GPUs, gloo on CPUs).
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    torch_device = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    return Runtime(torch_device, precision, channels_last and device == "cuda", torch.distributed.get_rank(),
+                   world_size)
+
+
+def broadcast(obj: T, runtime: Runtime) -> T:
+    """Rank 0's ``obj`` on every rank (a no-op in a single process)."""
+    if not runtime.distributed:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_shards(shard: np.ndarray, runtime: Runtime) -> np.ndarray:
+    """Reassemble rows that were split as ``rows[rank::world_size]`` across ranks."""
+    if not runtime.distributed:
+        return shard
+    parts: list = [None] * runtime.world_size
+    torch.distributed.all_gather_object(parts, shard)
+    full = np.empty(sum(len(p) for p in parts), dtype=shard.dtype)
+    for rank, part in enumerate(parts):
+        full[rank::runtime.world_size] = part
+    return full
+
+
+def all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Element-wise sum of ``values`` over ranks."""
+    if not runtime.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

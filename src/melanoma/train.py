@@ -12,6 +12,7 @@ into plain arguments for the data, folds, models, engine, metrics and plots modu
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.checkpoint import update_checkpoint, write_csv, write_json
@@ -41,13 +44,17 @@ from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summari
 from melanoma.models import create_model, model_normalization
 from melanoma.optim import create_optimizer, create_scheduler
 from melanoma.plots import plot_run
-from melanoma.runtime import resolve_runtime, seed_everything
+from melanoma.runtime import broadcast, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
 from melanoma.transforms import build_transforms
 
 log = logging.getLogger("melanoma.train")
 THRESHOLD = 0.5
 OPERATING_POINTS = ("0.5", "youden", "sens95")
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def load_training_set(data: DictConfig, audit: DictConfig) -> tuple[pd.DataFrame, list, tuple | None]:
@@ -97,7 +104,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if operating_point not in OPERATING_POINTS:
         raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
-    log.info("device %s, precision %s", runtime.device, runtime.precision)
+    run_dir = broadcast(run_dir, runtime)  # torchrun: every rank uses rank 0's run directory
+    main = runtime.is_main
+    log.info("device %s, precision %s, rank %d of %d", runtime.device, runtime.precision, runtime.rank,
+             runtime.world_size)
 
     m = cfg.model
     probe = create_model(m.name, m.pretrained, m.weights, drop_rate=m.drop_rate)  # fails early on bad names/weights
@@ -114,8 +124,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.warning("audit.enabled=false: folds are not grouped by duplicates (cv.group_duplicates ignored)")
     fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed, groups)
     columns = ["path", "label", "fold"] + (["group"] if audit is not None else [])
-    write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
-    if audit is not None:
+    if main:
+        write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
+    if audit is not None and main:
         pairs, summary = audit
         add_fold_crossings(pairs, summary, dict(zip(train_set["path"], fold_of, strict=True)))
         write_json(summary, run_dir / "audit.json")
@@ -135,11 +146,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         seed_everything(cfg.seed + k, cfg.trainer.deterministic)
         model = create_model(m.name, m.pretrained, m.weights, drop_rate=m.drop_rate)
         model = model.to(runtime.device, memory_format=runtime.memory_format)
+        if runtime.distributed:
+            model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.index
+                                            is not None else None)
+        rank, world = runtime.rank, runtime.world_size
         loaders = [
             make_loader(ImageDataset(part["path"], part["label"], tf), cfg.data.batch_size, train=is_train,
                         num_workers=workers, seed=cfg.seed + k, pin_memory=runtime.device.type == "cuda",
-                        persistent_workers=not cfg.trainer.deterministic)
-            for part, tf, is_train in ((tr, train_tf, True), (va, eval_tf, False))
+                        persistent_workers=not cfg.trainer.deterministic, rank=rank, world_size=world)
+            for part, tf, is_train in ((tr, train_tf, True), (va.iloc[rank::world], eval_tf, False))
         ]
         optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr,
                                      cfg.optimizer.weight_decay, cfg.optimizer.momentum)
@@ -154,10 +169,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("fold %d: best epoch %d, val auc %s", k, result.best_epoch, result.metrics["auc"])
 
     oof = pd.concat(oof).sort_index()
-    write_csv(oof[["path", "label", "fold", "prob"]], run_dir / "oof_predictions.csv")
     mean_m, std_m = summarize(per_fold, METRICS)
     # Operating points come from out-of-fold predictions only: the test split is never looked at.
     thresholds = choose_thresholds(oof["label"], oof["prob"])
+    if not main:
+        return {}
+    write_csv(oof[["path", "label", "fold", "prob"]], run_dir / "oof_predictions.csv")
     for k in range(cfg.cv.folds):
         update_checkpoint(run_dir / f"fold{k}" / "best.pt", thresholds=thresholds, operating_point=operating_point)
     metrics = {
@@ -186,8 +203,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
-# hydra.run.dir is the resumed run's directory when resume= is set, else a new dated one.
+# hydra.run.dir is the resumed run's directory when resume= is set, else a new dated one. Under
+# torchrun only rank 0 writes Hydra's .hydra/ folder, and other ranks log to train.rank{N}.log.
 OmegaConf.register_new_resolver("melanoma_run_dir", lambda resume, new: resume or new, replace=True)
+OmegaConf.register_new_resolver("melanoma_rank0_only", lambda value: value if _env_rank() == 0 else None,
+                                replace=True)
+OmegaConf.register_new_resolver("melanoma_rank_suffix", lambda: f".rank{_env_rank()}" if _env_rank() else "",
+                                replace=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -212,7 +234,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return metrics["mean"].get(cfg.trainer.monitor) if cfg.trainer.monitor != "loss" else None
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not metrics or cfg.trainer.monitor == "loss":  # ranks > 0 under torchrun return nothing
+        return None
+    return metrics["mean"].get(cfg.trainer.monitor)
 
 
 def main() -> None:
