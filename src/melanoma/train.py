@@ -193,13 +193,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "n_skipped": len(bad),
         "grouped_folds": groups is not None,
         "skipped_files": [{"path": p, "reason": r} for p, r in bad],
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    }  # no wall time here: a resumed run's metrics.json equals an uninterrupted one's (see history.csv)
     write_json(metrics, run_dir / "metrics.json")
     plot_run(run_dir, THRESHOLD)
     print(f"\n{m.name}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):")
     print(_format_table(per_fold, mean_m, std_m))
-    print(f"pooled out-of-fold AUC {metrics['oof']['auc']}; outputs in {run_dir}")
+    print(f"pooled out-of-fold AUC {metrics['oof']['auc']}; {time.perf_counter() - start:.0f} s; "
+          f"outputs in {run_dir}")
     return metrics
 
 
