@@ -20,13 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from melanoma.audit import audit_records, leaked_test_paths
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with_ci
-from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, scan_images
+from melanoma.data import load_records, scan_images
 from melanoma.errors import ConfigError, DataError, report_user_errors
-from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
+from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
 from melanoma.plots import plot_evaluation
 from melanoma.runtime import resolve_runtime
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_transforms
 
 log = logging.getLogger("melanoma.evaluate")
 
@@ -114,13 +113,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
 
-    pre = ensemble.preprocess
-    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
-                                 crop_pct=pre["crop_pct"])
-    loader = make_loader(ImageDataset(eval_set["path"], eval_set["label"], transform), cfg.eval.batch_size,
-                         train=False, num_workers=resolve_num_workers(cfg.eval.num_workers), seed=0,
-                         pin_memory=runtime.device.type == "cuda")
-    per_model = predict_probs(ensemble.models, loader, runtime, cfg.eval.tta)
+    per_model = predict_paths(ensemble, eval_set["path"].tolist(), runtime, cfg.eval.tta, cfg.eval.batch_size,
+                              cfg.eval.num_workers)
     predictions = eval_set.assign(prob=per_model.mean(0))
     for path, probs in zip(ensemble.paths, per_model, strict=True):
         predictions[f"prob_{path.parent.name if path.name == 'best.pt' else path.stem}"] = probs

@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from melanoma.checkpoint import load_checkpoint
+from melanoma.data import ImageDataset, make_loader, resolve_num_workers
 from melanoma.errors import ConfigError, WeightsError
 from melanoma.models import create_model
 from melanoma.runtime import Runtime
+from melanoma.transforms import build_transforms
 
 TTA = Literal["none", "flip", "d4"]
 
@@ -126,6 +128,22 @@ def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime,
                 probs = [torch.sigmoid(model(v).squeeze(1).float()) for v in views]
             out[i].append(torch.stack(probs).mean(0))
     return np.stack([torch.cat(p).cpu().numpy() for p in out])
+
+
+def predict_paths(ensemble: Ensemble, paths: list[str], runtime: Runtime, tta: TTA = "none",
+                  batch_size: int = 128, num_workers: int | str = "auto") -> np.ndarray:
+    """Score image files with every model of ``ensemble``, preprocessed as they were trained.
+
+    Returns:
+        An array (models x images) of probabilities of malignancy.
+    """
+    pre = ensemble.preprocess
+    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
+                                 crop_pct=pre["crop_pct"])
+    loader = make_loader(ImageDataset(paths, [0] * len(paths), transform), batch_size, train=False,
+                         num_workers=resolve_num_workers(num_workers), seed=0,
+                         pin_memory=runtime.device.type == "cuda")
+    return predict_probs(ensemble.models, loader, runtime, tta)
 
 
 def resolve_threshold(choice: str | float | None, ensemble: Ensemble) -> tuple[str, float]:

@@ -19,11 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from melanoma.checkpoint import write_csv
-from melanoma.data import IMAGE_EXTENSIONS, ImageDataset, make_loader, resolve_num_workers, scan_images
+from melanoma.data import IMAGE_EXTENSIONS, scan_images
 from melanoma.errors import DataError, report_user_errors
-from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
+from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
 from melanoma.runtime import resolve_runtime
-from melanoma.transforms import build_transforms
 
 log = logging.getLogger("melanoma.predict")
 
@@ -60,13 +59,7 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     paths = [p for p in paths if p not in bad]
     if not paths:
         raise DataError(f"none of the images in input={cfg.input} could be read")
-    pre = ensemble.preprocess
-    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
-                                 crop_pct=pre["crop_pct"])
-    loader = make_loader(ImageDataset(paths, [0] * len(paths), transform), cfg.batch_size, train=False,
-                         num_workers=resolve_num_workers(cfg.num_workers), seed=0,
-                         pin_memory=runtime.device.type == "cuda")
-    probs = predict_probs(ensemble.models, loader, runtime, cfg.tta).mean(0)
+    probs = predict_paths(ensemble, paths, runtime, cfg.tta, cfg.batch_size, cfg.num_workers).mean(0)
     classes = ensemble.config["data"]["classes"]
     table = pd.DataFrame({"path": paths, "prob": probs})
     table["decision"] = [classes[1] if p >= threshold else classes[0] for p in probs]
