@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from melanoma.metrics import pauc_above_tpr
+from melanoma.metrics import pauc_above_tpr, predictive_values
 
 THRESHOLD_METRICS = ("accuracy", "f1", "precision", "recall", "sensitivity", "specificity", "balanced_accuracy",
                      "ppv_at_prevalence", "npv_at_prevalence")
@@ -47,8 +47,7 @@ def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float, prevalence: fl
     tp, fp = (pred & truth).sum(1), (pred & ~truth).sum(1)
     fn, tn = (~pred & truth).sum(1), (~pred & ~truth).sum(1)
     sens, spec = _div(tp, tp + fn), _div(tn, tn + fp)
-    ppv_num, ppv_fp = sens * prevalence, (1 - spec) * (1 - prevalence)
-    npv_num, npv_fn = spec * (1 - prevalence), (1 - sens) * prevalence
+    ppv, npv = predictive_values(sens, spec, prevalence)
     return {
         "accuracy": (tp + tn) / y.shape[1],
         "f1": _div(2 * tp, 2 * tp + fp + fn, empty=0.0),  # scikit-learn's zero_division=0
@@ -57,8 +56,8 @@ def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float, prevalence: fl
         "sensitivity": sens,
         "specificity": spec,
         "balanced_accuracy": (sens + spec) / 2,
-        "ppv_at_prevalence": _div(ppv_num, ppv_num + ppv_fp),
-        "npv_at_prevalence": _div(npv_num, npv_num + npv_fn),
+        "ppv_at_prevalence": ppv,
+        "npv_at_prevalence": npv,
     }
 
 

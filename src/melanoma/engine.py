@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -193,7 +192,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
         monitor: Monitor = "auc", fold: int = 0, checkpoint_extra: dict | None = None,
-        skip_nonfinite: bool = False, on_epoch: Callable[[int, dict], None] | None = None) -> FoldResult:
+        skip_nonfinite: bool = False) -> FoldResult:
     """Train one fold, keep the best epoch's weights and predictions.
 
     Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
@@ -219,7 +218,6 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         fold: the fold index, stored in the checkpoint.
         checkpoint_extra: further plain values stored in ``best.pt`` (e.g. the preprocessing).
         skip_nonfinite: skip batches with a NaN/infinite loss instead of stopping the fold.
-        on_epoch: called with ``(epoch, history_row)`` after each epoch.
 
     Returns:
         The fold's result.
@@ -264,7 +262,5 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
                                 **(checkpoint_extra or {}))
             _save_state(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler, train_loader, config,
                         epoch, rows, best)
-        if on_epoch is not None:
-            on_epoch(epoch, row)
     _, best_epoch, best_metrics, best_probs = best
     return FoldResult(best_epoch, best_metrics, best_probs, pd.DataFrame(rows, columns=HISTORY_COLUMNS))

@@ -116,12 +116,15 @@ def brier(labels: Sequence[int], probs: Sequence[float]) -> float:
     return float(brier_score_loss(np.asarray(labels, dtype=int), np.asarray(probs, dtype=float), pos_label=1))
 
 
-def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+def predictive_values(sensitivity, specificity, prevalence: float):
     """PPV and NPV at a clinical ``prevalence`` of malignancy, by Bayes' rule.
 
     A balanced test split (the seed's is 50/50) inflates PPV; this re-weights it to the
-    prevalence the classifier would meet in practice.
+    prevalence the classifier would meet in practice. Works on floats and on arrays (one value
+    per bootstrap resample); an undefined value (0/0) is NaN.
     """
-    tp, fp = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
-    tn, fn = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
-    return tp / (tp + fp) if tp + fp else float("nan"), tn / (tn + fn) if tn + fn else float("nan")
+    sens, spec = np.asarray(sensitivity, dtype=float), np.asarray(specificity, dtype=float)
+    tp, fp = sens * prevalence, (1 - spec) * (1 - prevalence)
+    tn, fn = spec * (1 - prevalence), (1 - sens) * prevalence
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return tp / (tp + fp), tn / (tn + fn)
