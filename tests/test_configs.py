@@ -24,8 +24,8 @@ DOCUMENTED_KEYS = ["data.root", "data.image_size", "data.batch_size", "data.num_
 
 
 def test_groups_are_the_documented_ones() -> None:
-    assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "model", "optimizer",
-                           "scheduler", "trainer"}
+    assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "hydra", "model",
+                           "optimizer", "scheduler", "trainer"}
     assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2",
                                                       "efficientnet_b0", "efficientnet_lite0"}
 
@@ -73,6 +73,26 @@ def test_seed_grid_is_a_multirun_over_lr_and_batch() -> None:
     assert grid.hydra.sweeper.params["data.batch_size"] == "16,32,64"
 
 
+@pytest.mark.parametrize(("launcher", "target", "values"), [
+    ("joblib", "JoblibLauncher", {}),
+    ("parallel", "JoblibLauncher", {"n_jobs": 2}),
+    ("submitit_slurm", "SlurmLauncher", {}),
+    ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 120, "partition": "gpu-a"}),
+])
+def test_launcher_configs_compose(launcher: str, target: str, values: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.utils import get_class
+
+    monkeypatch.setenv("SLURM_PARTITION", "gpu-a")
+    with initialize_config_module(config_module="melanoma.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "hparams=seed_grid"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    get_class(cfg.hydra.launcher._target_)  # the plugin is installed, not just named
+    for key, value in values.items():
+        assert cfg.hydra.launcher[key] == value
+    assert cfg.hydra.sweeper.params["optimizer.lr"] == "0.001,0.01,0.1"
+
+
 def test_demo_experiment_is_offline() -> None:
     cfg = make_config(["experiment=demo"])
     assert cfg.model.pretrained is False
@@ -90,3 +110,4 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     for top in ("train", "eval", "predict", "audit_run"):
         assert f"melanoma/configs/{top}.yaml" in names
     assert "melanoma/configs/__init__.py" in names
+    assert {"melanoma/configs/hydra/launcher/slurm.yaml", "melanoma/configs/hydra/launcher/parallel.yaml"} <= names
