@@ -44,3 +44,14 @@ def test_skip_nonfinite_skips_only_the_bad_batch() -> None:
     loss = train_one_epoch(model, loader, opt, _NaNOnSecondBatch(), rt, rt.grad_scaler(), skip_nonfinite=True)
     assert torch.isfinite(torch.tensor(loss))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpoints_hold_the_plain_model_under_compile() -> None:
+    import timm
+
+    from melanoma.engine import _unwrap
+
+    model = timm.create_model("test_resnet", num_classes=1)
+    compiled = torch.compile(model)  # lazy: nothing is compiled until the first forward
+    assert _unwrap(compiled) is model
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in _unwrap(compiled).state_dict())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -202,7 +202,7 @@ def scan_images(paths: list[str], on_bad_file: Literal["error", "skip"] = "error
     """
     if on_bad_file not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_file={on_bad_file!r} is not one of error, skip")
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(workers or min(8, usable_cores())) as pool:
         reasons = list(pool.map(_check_image, paths))
     return handle_bad_files([(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None], on_bad_file)
 
@@ -225,27 +225,42 @@ def handle_bad_files(bad: list[tuple[str, str]], on_bad_file: Literal["error", "
 
 
 class ImageDataset(Dataset):
-    """Images and 0/1 labels from a list of paths, transformed on the fly."""
+    """Images and 0/1 labels from a list of paths, transformed on the fly.
 
-    def __init__(self, paths: list[str], labels: list[int], transform: Callable | None = None) -> None:
+    With ``decoded`` (a :class:`melanoma.cache.DecodedImages`, or any mapping of path to uint8
+    CHW tensor) the pixels come from there instead of the file: the transform then starts from
+    the cached, already resized tensor.
+    """
+
+    def __init__(self, paths: list[str], labels: list[int], transform: Callable | None = None,
+                 decoded: Mapping[str, torch.Tensor] | None = None) -> None:
         self.paths = list(paths)
         self.labels = list(labels)
         self.transform = transform
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[index])
+        path = self.paths[index]
+        image = self.decoded[path] if self.decoded is not None else load_image(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(self.labels[index], dtype=torch.float32)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a SLURM or taskset allocation, not the whole machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_num_workers(num_workers: int | str) -> int:
-    """``auto`` leaves one core to the training loop; an integer is used as is."""
+    """``auto`` leaves one usable core to the training loop (at most 16 workers); an integer is used as is."""
     if num_workers == "auto":
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
+        return max(1, min(16, usable_cores() - 1))
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers={num_workers!r} must be auto or an integer >= 0")
     return num_workers
@@ -253,7 +268,7 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
                 pin_memory: bool = False, persistent_workers: bool = True, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
+                world_size: int = 1, prefetch_factor: int | None = None) -> DataLoader:
     """A DataLoader that shuffles reproducibly from ``seed`` when training.
 
     Worker processes are seeded by torch from the loader's generator, so augmentations
@@ -274,5 +289,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=generator,
     )

@@ -110,14 +110,14 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, runtime: 
         ``(mean loss, probabilities of malignancy)``.
     """
     model.eval()
-    losses, probs = [], []
+    losses, probs, n = [], [], 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
         images, labels = _to_device(images, labels, runtime)
         with runtime.autocast():
             logits = model(images).squeeze(1).float()
         losses.append(loss_fn(logits, labels) * len(labels))
         probs.append(torch.sigmoid(logits))
-    n = len(loader.dataset)
+        n += len(labels)
     return float(torch.stack(losses).sum()) / max(n, 1), torch.cat(probs).cpu().numpy()
 
 
@@ -147,8 +147,14 @@ def _score(monitor: Monitor, val_loss: float, metrics: dict) -> float:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (its state dict has no 'module.')."""
-    return getattr(model, "module", model)
+    """The plain model inside torch.compile and DistributedDataParallel wrappers.
+
+    Its state dict has neither ``_orig_mod.`` nor ``module.`` prefixes, so checkpoints load
+    into a fresh model whatever the training run was wrapped in.
+    """
+    while isinstance(model, (torch._dynamo.eval_frame.OptimizedModule, nn.parallel.DistributedDataParallel)):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 def _comparable(config: dict) -> dict:

@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                     momentum: float = 0.9) -> torch.optim.Optimizer:
+                     momentum: float = 0.9, fused: bool = False) -> torch.optim.Optimizer:
     """Create an optimizer with timm's ``create_optimizer_v2``.
 
     Args:
@@ -24,6 +24,7 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
         lr: learning rate.
         weight_decay: L2 / decoupled weight decay.
         momentum: momentum for the SGD variants.
+        fused: one fused kernel for the whole update instead of one per parameter (CUDA).
 
     Raises:
         ConfigError: unknown name or a non-positive learning rate.
@@ -33,6 +34,8 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
     if not lr > 0:
         raise ConfigError(f"optimizer.lr={lr} must be positive")
     extra = {"momentum": momentum} if name in ("sgd", "momentum") else {}
+    if fused:
+        extra["fused"] = True
     return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay, **extra)
 
 

@@ -69,7 +69,8 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
 
     Args:
         device: ``auto`` picks CUDA when available, else the CPU.
-        precision: ``auto`` is fp16 autocast with a GradScaler on CUDA and fp32 on the CPU.
+        precision: ``auto`` is bf16 autocast on GPUs that support it (Ampere and newer: no
+            GradScaler, no overflow), fp16 with a GradScaler on older GPUs, fp32 on the CPU.
         channels_last: ask for channels-last tensors; only honoured on CUDA, where it is faster.
 
     Returns:
@@ -87,7 +88,7 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
     if precision == "auto":
-        precision = "fp16" if device == "cuda" else "fp32"
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs CUDA; use trainer.precision=fp32 or bf16 on the CPU")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
+from melanoma.cache import build_cache
 from melanoma.checkpoint import update_checkpoint, write_csv, write_json
 from melanoma.data import (
     ImageDataset,
@@ -139,6 +140,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     preprocess = {"image_size": size, "mean": list(mean), "std": list(std), "crop_pct": aug["crop_pct"]}
     train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)
     eval_tf = build_transforms(size, train=False, mean=mean, std=std, **aug)
+    # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
+    decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or round(size / aug["crop_pct"]),
+                          cfg.data.cache, cfg.data.cache_dir)
+    batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
     per_fold, oof = [], []
     for k in range(cfg.cv.folds):
         tr, va = train_set[fold_of != k], train_set[fold_of == k]
@@ -149,15 +154,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if runtime.distributed:
             model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.index
                                             is not None else None)
+        if cfg.trainer.compile:
+            model = torch.compile(model)
         rank, world = runtime.rank, runtime.world_size
         loaders = [
-            make_loader(ImageDataset(part["path"], part["label"], tf), cfg.data.batch_size, train=is_train,
-                        num_workers=workers, seed=cfg.seed + k, pin_memory=runtime.device.type == "cuda",
-                        persistent_workers=not cfg.trainer.deterministic, rank=rank, world_size=world)
+            make_loader(ImageDataset(part["path"], part["label"], tf, decoded), batch_sizes[is_train],
+                        train=is_train, num_workers=workers, seed=cfg.seed + k,
+                        pin_memory=runtime.device.type == "cuda", persistent_workers=not cfg.trainer.deterministic,
+                        rank=rank, world_size=world, prefetch_factor=cfg.data.prefetch_factor)
             for part, tf, is_train in ((tr, train_tf, True), (va.iloc[rank::world], eval_tf, False))
         ]
-        optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr,
-                                     cfg.optimizer.weight_decay, cfg.optimizer.momentum)
+        optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay,
+                                     cfg.optimizer.momentum, fused=runtime.device.type == "cuda")
         scheduler = create_scheduler(optimizer, cfg.scheduler.name, cfg.trainer.epochs, cfg.scheduler.min_lr)
         result = fit(model, *loaders, va["label"].to_numpy(), optimizer, scheduler,
                      make_loss(cfg.trainer.pos_weight, tr["label"].to_numpy()), runtime, cfg.trainer.epochs,
