@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU check of docs/benchmarks.md, in one go (target: under 8 minutes on one H100):
+#   1. generate the benchmark set: 10,605 synthetic 300x300 JPEGs in the seed's layout
+#      (9,605 train, 1,000 test);
+#   2. melanoma-bench: model step vs full training loop vs evaluation vs timm's loader
+#      (efficientnet_b0, 224 px, batch 64, AMP);
+#   3. the seed's full protocol, timed: 3 folds x 25 epochs of efficientnet_b0 at 224 px, AMP,
+#      decode-once cache, data loading included (target: under 5 minutes).
+#
+# Usage (from the repository root):
+#   scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else outputs/gpu_check
+#   SMOKE=1 scripts/gpu_check.sh /tmp/x     # the same steps in a minute on a CPU (tiny sizes)
+#   EXTRA="trainer.compile=true" scripts/gpu_check.sh   # more overrides for steps 2 and 3
+#
+# melanoma runs from src/ (no install needed) when its dependencies are importable. A machine
+# that has torch, torchvision and timm but not the rest (Hydra, Captum, ...) installs them from
+# wheels in .whl/, made beforehand on a machine with a package index:
+#   scripts/gpu_check.sh --fetch-wheels     # Python 3.12 wheels for the GPU image into .whl/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  py=${PYTHON:-.venv/bin/python}
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 captum==0.9.0 \
+    hydra-joblib-launcher==1.2.0 hydra-submitit-launcher==1.2.0 submitit cloudpickle
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  exit 0
+fi
+
+out=${1:-${OUT:-outputs/gpu_check}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] && py=${PYTHON:-.venv/bin/python}
+if ! "$py" -c "import hydra, captum, omegaconf" 2>/dev/null; then
+  [ -d .whl ] || { echo "gpu_check: Hydra/Captum missing and no .whl/ folder: run scripts/gpu_check.sh --fetch-wheels first" >&2; exit 1; }
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/melanoma-site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/melanoma-site"
+fi
+"$py" - <<'PY' | tee "$out/machine.txt"
+import os, torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cores", len(os.sched_getaffinity(0)))
+PY
+
+if [ -n "${SMOKE:-}" ]; then   # the same steps, sized for a CPU
+  n_train=96 n_test=20 size=64 model=test_efficientnet image=32 batch=16 epochs=2 steps=2
+else
+  n_train=9605 n_test=1000 size=300 model=efficientnet_b0 image=224 batch=64 epochs=25 steps=50
+fi
+work=${WORK:-/tmp/melanoma-gpu-check}   # run folders (checkpoints) stay here; $out gets the summary files
+data=$work/data-$n_train-$size
+export MELANOMA_CACHE=${MELANOMA_CACHE:-$work/cache}
+# shellcheck disable=SC2086  # EXTRA is a list of Hydra overrides
+common=(data=kaggle "data.root=$data" "model.name=$model" model.pretrained=false "data.image_size=$image"
+        "data.batch_size=$batch" ${EXTRA:-})
+
+t0=$(date +%s)
+"$py" -m melanoma.synthetic "$data" --n-train "$n_train" --n-test "$n_test" --size "$size"
+t1=$(date +%s)
+echo "data: $n_train + $n_test JPEGs at ${size}px in $((t1 - t0)) s" | tee -a "$out/summary.txt"
+
+"$py" -m melanoma.bench "${common[@]}" "bench.steps=$steps" "hydra.run.dir=$work/bench" 2>&1 | tee "$out/bench.log"
+cp "$work/bench/benchmark.json" "$out/benchmark.json"
+t2=$(date +%s)
+
+"$py" -m melanoma.train "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
+  "hydra.run.dir=$work/protocol-$t2" 2>&1 | tee "$out/protocol.log"
+t3=$(date +%s)
+cp "$work/protocol-$t2/metrics.json" "$out/protocol_metrics.json"
+echo "benchmark: $((t2 - t1)) s; full protocol (3 folds x $epochs epochs, $model, ${image}px, data loading" \
+     "included): $((t3 - t2)) s; whole check: $((t3 - t0)) s" | tee -a "$out/summary.txt"
