@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import CalibrationDisplay
@@ -39,7 +40,7 @@ def plot_confusion_matrix(labels: Sequence[int], probs: Sequence[float], path: s
     _save(fig, Path(path))
 
 
-def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path) -> None:
+def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path, title: str = "Loss curves") -> None:
     """Training and validation loss per epoch, one colour per fold (solid train, dashed val)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -49,7 +50,7 @@ def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path) ->
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("BCE loss")
-    ax.set_title("Loss curves")
+    ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
     _save(fig, Path(path))
@@ -94,6 +95,47 @@ def plot_calibration(labels: Sequence[int], probs: Sequence[float], path: str | 
     ax.set_ylabel("observed fraction malignant")
     ax.set_title("Calibration (reliability diagram)")
     _save(fig, Path(path))
+
+
+def plot_augmented_samples(images: Sequence, transform: Callable, mean: Sequence[float], std: Sequence[float],
+                           path: str | Path | None = None, *, n_views: int = 5, names: Sequence[str] = (),
+                           title: str = "Augmented training samples", seed: int = 0) -> Figure:
+    """Each image as read, then ``n_views`` draws of the training transform, de-normalised.
+
+    Args:
+        images: RGB PIL images, one row each.
+        transform: the training transform (PIL image -> normalised CHW float tensor).
+        mean: the normalisation mean it applies, undone for display.
+        std: the normalisation std it applies.
+        path: where to save the figure (format from the suffix); ``None`` only returns it.
+        n_views: augmented draws per image.
+        names: row labels, e.g. the class of each image.
+        title: figure title; say which data and recipe it shows.
+        seed: seed of the draws; the global random state is left as it was.
+
+    Returns:
+        The figure.
+    """
+    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    fig = Figure(figsize=(1.7 * (n_views + 1), 1.7 * len(images) + 0.6))
+    axes = fig.subplots(len(images), n_views + 1, squeeze=False)
+    with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global generator
+        torch.manual_seed(seed)
+        for row, image in zip(axes, images, strict=True):
+            row[0].imshow(image)
+            for ax in row[1:]:
+                ax.imshow((transform(image) * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy())
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for j, ax in enumerate(axes[0]):
+        ax.set_title("original" if j == 0 else f"draw {j}", fontsize="small")
+    for ax, name in zip(axes[:, 0], names, strict=False):
+        ax.set_ylabel(name, fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    if path is not None:
+        _save(fig, Path(path))
+    return fig
 
 
 def plot_evaluation(eval_dir: str | Path, threshold: float, threshold_name: str) -> list[Path]:
@@ -143,3 +185,35 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     plot_loss_curves(histories, written[1])
     plot_roc(curves, written[2])
     return written
+
+
+def plot_activation_maps(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path,
+                         ncols: int = 4, suptitle: str = "", alpha: float = 0.45) -> None:
+    """Heat maps (Grad-CAM) over the images they explain, one panel each, with one colour bar.
+
+    Args:
+        images: (N, H, W, 3) RGB in [0, 1], as the model saw them (cropped, de-normalised).
+        maps: (N, H, W) activation maps in [0, 1].
+        titles: one per image, e.g. file name, label and prediction.
+        path: the PNG to write.
+        ncols: panels per row.
+        suptitle: a title over the whole figure.
+        alpha: opacity of the heat map over the image.
+    """
+    ncols = max(1, min(ncols, len(images)))
+    nrows = -(-len(images) // ncols)
+    # Constrained layout, not _save's tight_layout: only it makes room for a colour bar shared by a grid.
+    fig = Figure(figsize=(2.3 * ncols + 0.8, 2.5 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heat, title in zip(axes.flat, images, maps, titles, strict=False):
+        ax.imshow(image)
+        shown = ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        ax.set_title(title, fontsize="small")
+    fig.colorbar(shown, ax=axes, shrink=0.8, label="activation (scaled per image)")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize="medium", wrap=True)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)

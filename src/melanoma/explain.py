@@ -1,0 +1,277 @@
+"""``melanoma-explain``: Grad-CAM activation maps of a trained run.
+
+    melanoma-explain ckpt=outputs/train/RUN                  # 4 benign + 4 malignant test images
+    melanoma-explain ckpt=outputs/train/RUN/fold1/best.pt n=8 seed=1
+    melanoma-explain ckpt=outputs/train/RUN input=/photos/   # unlabelled images
+
+Writes ``activation_maps.png`` and ``explain.csv`` (``path,label,prob,pred``) into ``out``,
+by default ``RUN/explain/``, where ``melanoma-report`` looks for them.
+
+Grad-CAM comes from Captum's ``LayerGradCam``: pure Python on top of torch, maintained by the
+PyTorch team. pytorch-grad-cam would pull in OpenCV, which needs system GL libraries that
+headless servers often lack.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+from omegaconf import DictConfig
+from timm.models.efficientnet import EfficientNet
+from timm.models.resnet import ResNet
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from melanoma.checkpoint import write_csv
+from melanoma.data import load_image, scan_images
+from melanoma.errors import ConfigError, DataError, report_user_errors
+from melanoma.evaluate import load_eval_set
+from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
+from melanoma.plots import plot_activation_maps
+from melanoma.predict import find_images
+from melanoma.runtime import Runtime, resolve_runtime
+from melanoma.transforms import build_transforms
+
+log = logging.getLogger("melanoma.explain")
+SPLITS = ("test", "train", "all")
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def target_layer_name(model: nn.Module) -> str:
+    """The name of the layer whose activations Grad-CAM weighs, chosen per architecture family.
+
+    ResNet and ResNeXt (timm ``ResNet``): ``layer4``, the last convolutional stage.
+    EfficientNet and MobileNetV2 (timm ``EfficientNet``): ``conv_head``, the final 1x1 conv;
+    their ``feature_info`` ends one stage earlier, at the last block. Any other timm model:
+    the last stage listed in its ``feature_info``.
+
+    Raises:
+        ConfigError: the model is none of these.
+    """
+    if isinstance(model, ResNet):
+        return "layer4"
+    if isinstance(model, EfficientNet):
+        return "conv_head"
+    info = getattr(model, "feature_info", None)
+    if info:
+        return info[-1]["module"]
+    raise ConfigError(f"model {_model_name(model)} has no known Grad-CAM layer (not a timm ResNet/EfficientNet "
+                      "and no feature_info); pass layer= explicitly or use a timm convolutional backbone")
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM explains for ``model`` (see :func:`target_layer_name`).
+
+    Raises:
+        ConfigError: no layer is known for the model, or the named one does not exist.
+    """
+    name = target_layer_name(model)
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"model {_model_name(model)} has no module {name!r} for Grad-CAM") from None
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | torch.Tensor | None = None,
+             layer: nn.Module | None = None) -> np.ndarray:
+    """Grad-CAM maps of a one-logit model, upsampled to the image size and scaled to [0, 1].
+
+    The model's single logit is evidence for malignant; its negative is evidence for benign,
+    so each image is explained for its class in ``classes`` by attributing the logit or its
+    negative. Maps are computed in fp32, whatever the training precision: a few images cost
+    little, and fp16 gradients of small activations underflow.
+
+    Args:
+        model: a model in eval mode returning (N, 1) logits.
+        images: a normalised batch (N, C, H, W) on the model's device.
+        classes: per image, 0 (benign) or 1 (malignant) to explain; ``None`` explains the
+            model's own decision at probability 0.5.
+        layer: the convolutional layer to weigh; ``None`` picks :func:`target_layer`.
+
+    Returns:
+        An array (N, H, W): ReLU of the gradient-weighted activations, bilinearly upsampled,
+        min-max scaled per image (an all-zero map stays zero).
+
+    Raises:
+        ConfigError: the layer does not output a (N, C, H, W) feature map.
+    """
+    name = target_layer_name(model) if layer is None else None
+    layer = target_layer(model) if layer is None else layer
+
+    def both_logits(x: torch.Tensor) -> torch.Tensor:  # column 0 benign, column 1 malignant
+        logit = model(x).float()
+        return torch.cat([-logit, logit], dim=1)
+
+    shapes = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    try:
+        with torch.enable_grad():
+            if classes is None:
+                classes = (model(images).squeeze(1) >= 0).long()
+            target = torch.as_tensor(classes, device=images.device).long()
+            cam = LayerGradCam(both_logits, layer).attribute(images, target=target, relu_attributions=True)
+    finally:
+        hook.remove()
+    # A token sequence (ViT) or a channels-last stage (Swin) is no (N, C, H, W) map; refuse it
+    # rather than average gradients over the wrong axes.
+    info = getattr(model, "feature_info", None)
+    expected = info[-1].get("num_chs") if info and name == info[-1]["module"] else None
+    if cam.ndim != 4 or (expected is not None and shapes[-1][1] != expected):
+        raise ConfigError(f"Grad-CAM needs a convolutional feature map, but layer {name or type(layer).__name__} "
+                          f"of {_model_name(model)} outputs {shapes[-1]}; use a convolutional backbone "
+                          "(ResNet, ResNeXt, MobileNetV2, EfficientNet, ConvNeXt, ...)")
+    if shapes[-1][-2:] == (1, 1):
+        log.warning("the Grad-CAM layer of %s is 1x1 at %dx%d px: its map can only be uniform; use larger images",
+                    _model_name(model), *images.shape[-2:])
+    cam = LayerAttribution.interpolate(cam.detach().float(), tuple(images.shape[-2:]), interpolate_mode="bilinear")
+    flat = cam.flatten(1)
+    low, span = flat.min(1).values, flat.max(1).values - flat.min(1).values
+    scaled = torch.where(span[:, None] > 0, (flat - low[:, None]) / span.clamp_min(1e-12)[:, None], 0.0)
+    return scaled.view(cam.shape[0], *cam.shape[-2:]).cpu().numpy()
+
+
+def select_images(records: pd.DataFrame, n: int, seed: int, classes: Sequence[str], source: str) -> pd.DataFrame:
+    """``n`` images of each label (all of them where fewer), drawn reproducibly from ``seed``.
+
+    Raises:
+        DataError: a class has no image.
+    """
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label, name in enumerate(classes):
+        part = records[records["label"] == label]
+        if part.empty:
+            raise DataError(f"{source} has no {name} images to explain; pass split=all, or input=FOLDER "
+                            "to explain other images")
+        if len(part) < n:
+            log.info("only %d %s images in %s", len(part), name, source)
+        picked.append(part.iloc[np.sort(rng.choice(len(part), min(n, len(part)), replace=False))])
+    return pd.concat(picked, ignore_index=True)
+
+
+def default_out(ckpt: str | Path) -> Path:
+    """``RUN_DIR/explain`` of the run that ``ckpt`` (a run directory or a fold's ``best.pt``) belongs to."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        return path / "explain"
+    return (path.parent.parent if path.parent.name.startswith("fold") else path.parent) / "explain"
+
+
+def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None, n: int = 4,
+            split: str = "test", seed: int = 0, threshold: str | float | None = None,
+            out: str | Path | None = None) -> pd.DataFrame:
+    """Draw Grad-CAM maps of a run's predictions and write ``activation_maps.png`` and ``explain.csv``.
+
+    A fold ensemble is explained by the mean of its models' maps (each for the ensemble's
+    decision), so a region is brightest where every fold model looks; titles give the
+    ensemble's probability.
+
+    Args:
+        ckpt: a training run directory (its fold ensemble) or one checkpoint.
+        runtime: device and precision for the predictions.
+        input: an image or folder of images to explain instead of the run's data (labels
+            unknown; at most ``2 * n`` of them, drawn from ``seed``).
+        n: images per class from the run's ``split``.
+        split: ``test``, ``train`` or ``all`` images of the run's dataset.
+        seed: which images are drawn.
+        threshold: decision threshold: a run's operating point name or a number; ``None`` is the
+            run's operating point.
+        out: output folder; ``None`` is ``RUN_DIR/explain``.
+
+    Returns:
+        The ``explain.csv`` table: ``path, label`` (empty when unknown), ``prob``, ``pred``.
+
+    Raises:
+        ConfigError: ``n`` below 1, an unknown split or threshold, or a non-convolutional model.
+        DataError: the input is missing or unreadable, or a class has no image.
+        WeightsError: the checkpoint cannot be loaded.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n={n!r} must be an integer >= 1 (images per class)")
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    paths = find_images(input) if input is not None else None
+    out = Path(out).expanduser() if out is not None else default_out(ckpt)
+    ensemble = load_ensemble(ckpt, runtime)
+    names = tuple(ensemble.config["data"]["classes"])
+    threshold_name, cutoff = resolve_threshold(threshold, ensemble)
+
+    if paths is None:
+        data = ensemble.config["data"]
+        if data["layout"] == "folder":
+            log.warning("data.layout=folder has no test split: images are drawn from all of %s", data["root"])
+        records, _ = load_eval_set(data, split)
+        chosen = select_images(records, n, seed, names, f"the {split} split of {data['root'] or data.get('manifest')}")
+        source = " and ".join(f"{(chosen['label'] == k).sum()} {c}" for k, c in enumerate(names))
+        source = f"{source} images of the {split} split"
+    else:
+        bad = {p for p, _ in scan_images(paths, "skip")}
+        paths = [p for p in paths if p not in bad]
+        if not paths:
+            raise DataError(f"none of the images in input={input} could be read")
+        if len(paths) > 2 * n:
+            log.info("input holds %d images: explaining %d of them (n=%d, seed=%d)", len(paths), 2 * n, n, seed)
+            paths = [paths[i] for i in np.sort(np.random.default_rng(seed).choice(len(paths), 2 * n, replace=False))]
+        chosen = pd.DataFrame({"path": paths, "label": pd.array([None] * len(paths), dtype="Int64")})
+        source = f"{len(paths)} images from input {Path(input).name}"
+
+    pre = ensemble.preprocess
+    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
+                                 crop_pct=pre["crop_pct"])
+    images = torch.stack([transform(load_image(p)) for p in chosen["path"]])
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=32)
+    chosen["prob"] = predict_probs(ensemble.models, loader, runtime).mean(0)
+    chosen["pred"] = (chosen["prob"] >= cutoff).astype(int)
+
+    batch = images.to(runtime.device, memory_format=runtime.memory_format)
+    decisions = torch.tensor(chosen["pred"].tolist())
+    maps = np.mean([grad_cam(model, batch, decisions) for model in ensemble.models], axis=0)
+
+    mean, std = np.asarray(pre["mean"]), np.asarray(pre["std"])
+    rgb = np.clip(images.permute(0, 2, 3, 1).numpy() * std + mean, 0, 1)  # the image the model saw
+    titles = [f"{Path(row.path).stem}\nlabel {'unknown' if pd.isna(row.label) else names[int(row.label)]}\n"
+              f"pred {names[row.pred]} (p={row.prob:.2f})" for row in chosen.itertuples()]
+    empty = int((maps.max(axis=(1, 2)) == 0).sum())
+    if empty:
+        log.info("%d of %d maps are empty: no region raises the logit of the predicted class", empty, len(maps))
+    models = f"mean of {len(ensemble.models)} fold models" if len(ensemble.models) > 1 else "one model"
+    suptitle = (f"Grad-CAM of {ensemble.config['model']['name']} at {target_layer_name(ensemble.models[0])} "
+                f"({models}), {source}; pred at {threshold_name} threshold {cutoff:.3g}")
+    plot_activation_maps(rgb, maps, titles, out / "activation_maps.png", ncols=n, suptitle=suptitle)
+    table = chosen[["path", "label", "prob", "pred"]]
+    write_csv(table, out / "explain.csv")
+    print(f"Grad-CAM of {len(table)} images ({source}); wrote {out / 'activation_maps.png'} and "
+          f"{out / 'explain.csv'}")
+    return table
+
+
+def explain_run(cfg: DictConfig) -> pd.DataFrame:
+    """Unpack the ``explain`` config and call :func:`explain`."""
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    return explain(cfg.ckpt, runtime, input=cfg.input, n=cfg.n, split=cfg.split, seed=cfg.seed,
+                   threshold=cfg.threshold, out=cfg.out)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="explain")
+def _hydra_main(cfg: DictConfig) -> None:
+    report_user_errors("melanoma-explain", explain_run, cfg)
+
+
+def main() -> None:
+    """Console entry point ``melanoma-explain``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

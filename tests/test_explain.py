@@ -1,0 +1,115 @@
+"""melanoma-explain: Grad-CAM layer choice per architecture family, maps, and the CLI on a tiny run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.models.resnet import Bottleneck, ResNet
+
+from melanoma.checkpoint import load_checkpoint
+from melanoma.errors import ConfigError, DataError
+from melanoma.explain import default_out, explain, explain_run, grad_cam, select_images, target_layer, target_layer_name
+from melanoma.runtime import resolve_runtime
+from melanoma.train import train
+
+from conftest import TINY, make_config
+
+CPU = resolve_runtime("cpu", "fp32")
+
+
+def _tiny_resnext() -> torch.nn.Module:
+    """A ResNeXt (grouped bottlenecks) a few hundred kB big; timm's resnext names are all full size."""
+    return ResNet(Bottleneck, (1, 1, 1, 1), num_classes=1, cardinality=4, base_width=16, stem_width=16,
+                  channels=(16, 32, 64, 128))
+
+
+FAMILIES = {
+    "resnet": (lambda: timm.create_model("test_resnet", num_classes=1), "layer4"),
+    "resnext": (_tiny_resnext, "layer4"),
+    "mobilenetv2": (lambda: timm.create_model("mobilenetv2_035", num_classes=1), "conv_head"),
+    "efficientnet": (lambda: timm.create_model("test_efficientnet", num_classes=1), "conv_head"),
+    "other (feature_info)": (lambda: timm.create_model("test_convnext", num_classes=1), "stages.3"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grad_cam_is_an_image_sized_map_from_the_family_layer(family: str) -> None:
+    make, layer_name = FAMILIES[family]
+    torch.manual_seed(0)
+    model = make().eval()
+    assert target_layer_name(model) == layer_name and target_layer(model) is model.get_submodule(layer_name)
+    if family == "resnext":
+        assert model.layer4[0].conv2.groups == 4
+    images = torch.randn(2, 3, 64, 64)
+    own = grad_cam(model, images)  # each image explained for the model's own decision
+    both = grad_cam(model, images.repeat(2, 1, 1, 1), [0, 0, 1, 1])  # benign, then malignant
+    for maps in (own, both):
+        assert maps.shape == (len(maps), 64, 64) and maps.min() >= 0 and maps.max() <= 1
+    # The benign map is the ReLU of minus the malignant one: where a map varies, one of the two must.
+    spread = both.std(axis=(1, 2)).reshape(2, 2)
+    assert (spread.max(axis=0) > 0.01).all()
+    assert any(np.array_equal(own[i], both[i + 2 * k]) for i in range(2) for k in range(2))
+
+
+def test_a_token_model_is_refused_with_the_way_out() -> None:
+    model = timm.create_model("test_vit", num_classes=1).eval()
+    with pytest.raises(ConfigError, match=r"blocks\.5 of test_vit outputs \(1, 5, 64\); use a convolutional"):
+        grad_cam(model, torch.randn(1, 3, 32, 32))
+
+
+def test_selection_is_reproducible_and_needs_both_classes() -> None:
+    records = pd.DataFrame({"path": [f"{i}.jpg" for i in range(20)], "label": [i % 2 for i in range(20)]})
+    a = select_images(records, 3, 1, ("benign", "malignant"), "x")
+    assert a.equals(select_images(records, 3, 1, ("benign", "malignant"), "x"))
+    assert a["label"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert not a.equals(select_images(records, 3, 2, ("benign", "malignant"), "x"))
+    assert len(select_images(records, 50, 0, ("benign", "malignant"), "x")) == 20
+    with pytest.raises(DataError, match="the test split has no malignant images to explain; pass split=all"):
+        select_images(records[records["label"] == 0], 3, 0, ("benign", "malignant"), "the test split")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("explained")
+    train(make_config([f"data.root={tiny_data}", *TINY, "data.image_size=64", "trainer.epochs=1", "cv.folds=2",
+                       "audit.enabled=false"]), out)
+    return out
+
+
+def test_explain_writes_maps_and_table_into_the_run(run_dir: Path) -> None:
+    explain_run(make_config([f"ckpt={run_dir}", "n=3", "trainer.device=cpu"], "explain"))  # what the CLI runs
+    Image.open(run_dir / "explain" / "activation_maps.png").verify()
+    table = pd.read_csv(run_dir / "explain" / "explain.csv")
+    assert list(table.columns) == ["path", "label", "prob", "pred"] and table["label"].tolist() == [0] * 3 + [1] * 3
+    assert all("/test/" in p for p in table["path"]) and table["prob"].between(0, 1).all()
+    threshold = load_checkpoint(run_dir / "fold0" / "best.pt")["thresholds"]["sens95"]
+    assert (table["pred"] == (table["prob"] >= threshold)).all()
+
+
+def test_input_images_have_unknown_labels(run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(tiny_data / "test" / "benign", folder)
+    ckpt = run_dir / "fold1" / "best.pt"
+    assert default_out(ckpt) == default_out(run_dir) == run_dir / "explain"
+    table = explain(ckpt, CPU, input=folder, n=2, threshold=0.5, out=tmp_path / "out")
+    assert len(table) == 4 and table["label"].isna().all() and (table["pred"] == (table["prob"] >= 0.5)).all()
+    written = pd.read_csv(tmp_path / "out" / "explain.csv")
+    assert written["path"].tolist() == table["path"].tolist() and written["label"].isna().all()
+    Image.open(tmp_path / "out" / "activation_maps.png").verify()
+
+
+def test_bad_arguments_name_the_key_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"input=.*missing does not exist; point it at an image or a folder"):
+        explain(tmp_path / "no_run", CPU, input=tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"n=0 must be an integer >= 1"):
+        explain(tmp_path / "no_run", CPU, n=0)
+    with pytest.raises(ConfigError, match=r"split='val' is not one of test, train, all"):
+        explain(tmp_path / "no_run", CPU, split="val")
+    assert make_config(["ckpt=x"], "explain").n == 4  # the config composes, keys as the kwargs
