@@ -107,7 +107,7 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for group, option in OPTIONS:
         assert f"melanoma/configs/{group}/{option}.yaml" in names
-    for top in ("train", "eval", "predict", "audit_run"):
+    for top in ("train", "eval", "predict", "audit_run", "explain", "bench"):
         assert f"melanoma/configs/{top}.yaml" in names
     assert "melanoma/configs/__init__.py" in names
     assert {"melanoma/configs/hydra/launcher/slurm.yaml", "melanoma/configs/hydra/launcher/parallel.yaml"} <= names

@@ -1,0 +1,225 @@
+"""``melanoma-report``: one results table, as CSV, markdown and PDF, over training runs and sweeps.
+
+    melanoma-report multirun/train/2026-01-01_12-00-00            # a sweep; writes into it
+    melanoma-report outputs/train/RUN_A outputs/train/RUN_B outputs/eval --out reports/ab
+    melanoma-report outputs/train/RUN outputs/eval/DATE --out reports/run --figures assets  # + README PNGs
+
+Every ``metrics.json`` under the PATHs (run directories, sweep directories or any folder above
+them) is read: training runs become rows, and a ``melanoma-eval`` result joins the run its
+``ckpt`` names. ``results.csv`` holds the numbers (means and stds apart, so it can be read back),
+``results.md`` the same table for people, ``report.pdf`` the figures (see ``report_pdf.py``). What
+could not be used (a crashed run, an unreadable file, a figure that cannot be drawn) is listed
+with the reason in all three and on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from melanoma.checkpoint import atomic_path, write_csv
+from melanoma.errors import DataError, report_user_errors
+from melanoma.runs import Evaluation, Run, Skipped, collect, natural_key
+
+# Parameter columns every table has (config key -> column); others appear when they vary.
+ALWAYS = {"model.name": "model", "optimizer.lr": "lr", "data.batch_size": "batch_size"}
+IGNORED = {"resume"}  # never a parameter of the result
+CV_METRICS = ("accuracy", "f1", "precision", "recall", "auc")
+TEST_METRICS = ("auc", "sensitivity", "specificity")
+
+
+@dataclass
+class Report:
+    """Everything the outputs are drawn from."""
+
+    paths: list[str]
+    runs: list[Run]  # in table order, best first
+    table: pd.DataFrame
+    params: list[str]  # the parameter columns of the table
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = str(value) if isinstance(value, list) else value
+    return flat
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def results_table(runs: list[Run]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run, best mean AUC first; sorts ``runs`` the same way and labels them.
+
+    Returns:
+        The table (numbers as floats, NaN where a run lacks a value) and its parameter columns.
+    """
+    common = os.path.commonpath([r.dir.resolve() for r in runs])
+    for run in runs:
+        run.label = os.path.relpath(run.dir.resolve(), common) if len(runs) > 1 else run.dir.resolve().name
+    flats = [_flatten(r.config) for r in runs]
+    known = [f for f in flats if f]
+    varying = sorted(k for k in set().union(*known) - set(ALWAYS) - IGNORED
+                     if len({repr(f.get(k)) for f in known}) > 1)
+    rows = []
+    for run, flat in zip(runs, flats, strict=True):
+        m = run.metrics
+        row = {"run": run.label, "best": False}
+        row |= {column: flat.get(key) for key, column in ALWAYS.items()}
+        row["model"] = row["model"] or m.get("model")
+        row |= {key: flat.get(key) for key in varying}
+        row["folds"] = len(m["folds"])
+        for key in CV_METRICS:
+            row[f"{key}_mean"] = _number(m["mean"].get(key))
+            row[f"{key}_std"] = _number((m.get("std") or {}).get(key))
+        row["oof_auc"] = _number((m.get("oof") or {}).get("auc"))
+        row["best_epochs"] = ", ".join(str(f.get("best_epoch", "?")) for f in m["folds"])
+        row |= _test_columns(run.evaluation)
+        row["run_dir"] = str(run.dir)
+        row["overrides"] = " ".join(run.overrides)
+        rows.append(row)
+    order = sorted(range(len(rows)), key=lambda i: (-np.nan_to_num(rows[i]["auc_mean"], nan=-np.inf),
+                                                    natural_key(Path(rows[i]["run"]))))
+    table = pd.DataFrame([rows[i] for i in order]).reset_index(drop=True)
+    table.loc[0, "best"] = not math.isnan(table.loc[0, "auc_mean"])
+    runs[:] = [runs[i] for i in order]
+    return table, ["model", "lr", "batch_size", *varying]
+
+
+def _test_columns(evaluation: Evaluation | None) -> dict:
+    """Test metrics at the evaluation's operating point, each with its bootstrap interval."""
+    row: dict = {}
+    block = {}
+    if evaluation is not None:
+        point = evaluation.metrics.get("operating_point")
+        block = (evaluation.metrics["thresholds"].get(point) or {}).get("metrics", {})
+    for key in TEST_METRICS:
+        cell = block.get(key) or {}
+        ci = cell.get("ci") or [None, None]
+        row |= {f"test_{key}": _number(cell.get("value")), f"test_{key}_low": _number(ci[0]),
+                f"test_{key}_high": _number(ci[1])}
+    row["test_operating_point"] = evaluation.metrics.get("operating_point") if evaluation else None
+    row["test_threshold"] = _number(evaluation.metrics.get("threshold")) if evaluation else math.nan
+    row["test_images"] = _number(evaluation.metrics.get("n_images")) if evaluation else math.nan
+    row["eval_dir"] = str(evaluation.dir) if evaluation else None
+    return row
+
+
+def format_cell(value: object, spec: str = ".4f") -> str:
+    """A number as text with ``spec``; missing values (None, NaN) as ``n/a``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def display_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """The table as text cells, shared by the markdown file, stdout and the PDF."""
+    table = report.table
+    has_test = table["eval_dir"].notna().any()
+    names = {"accuracy": "accuracy", "f1": "F1", "precision": "precision", "recall": "recall", "auc": "AUC"}
+    header = ["", "run", *[p.replace("_", " ") for p in report.params], *map(names.get, CV_METRICS), "best epoch"]
+    if has_test:
+        header += ["test AUC (95% CI)", "test sens / spec"]
+    rows = []
+    for _, r in table.iterrows():
+        cells = ["★" if r["best"] else "", r["run"], *[format_cell(r[p], "g") for p in report.params]]
+        cells += ["n/a" if math.isnan(r[f"{k}_mean"]) else
+                  f"{format_cell(r[f'{k}_mean'])} ± {format_cell(r[f'{k}_std'])}" for k in CV_METRICS]
+        cells.append(r["best_epochs"])
+        if has_test:
+            auc = format_cell(r["test_auc"], ".3f")
+            cells.append(auc if auc == "n/a" else f"{auc} [{format_cell(r['test_auc_low'], '.3f')}, "
+                                                  f"{format_cell(r['test_auc_high'], '.3f')}]")
+            cells.append("n/a" if pd.isna(r["eval_dir"]) else
+                         f"{format_cell(r['test_sensitivity'], '.3f')} / {format_cell(r['test_specificity'], '.3f')} "
+                         f"@ {r['test_operating_point']} ({format_cell(r['test_threshold'], '.3g')})")
+        rows.append(cells)
+    return header, rows
+
+
+def to_markdown(report: Report) -> str:
+    """``results.md``: the table and the list of what was skipped."""
+    header, rows = display_rows(report)
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    metric_note = ("Cross-validation: mean ± std over folds at threshold 0.5; ★ best mean AUC. "
+                   "Test: melanoma-eval's fold ensemble at its operating point.")
+    lines = ["# melanoma report", "", f"Runs from {', '.join(report.paths)}. {metric_note}", "",
+             line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows), ""]
+    lines += ["## Skipped", ""] + ([f"- {s}" for s in report.skipped] or ["nothing"]) + [""]
+    return "\n".join(lines)
+
+
+def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Report:
+    """Collect the runs under ``paths`` and write ``results.csv``, ``results.md`` and ``report.pdf``.
+
+    Args:
+        paths: run directories, sweep directories, evaluation directories or folders above them.
+        out: output folder.
+        figures: also write the best run's README figures there (see ``report_figures.write_figures``).
+
+    Returns:
+        What was reported.
+
+    Raises:
+        DataError: no finished run under any of the paths (nothing is written).
+    """
+    runs, skipped = collect(paths)
+    if not runs:
+        reasons = "; ".join(map(str, skipped)) or "nothing found"
+        raise DataError(f"no finished training run (metrics.json with fold results) in {' '.join(map(str, paths))}"
+                        f" ({reasons}); pass run or multirun directories of melanoma-train")
+    table, params = results_table(runs)
+    for run in runs:
+        missing = [k for k in CV_METRICS if k not in run.metrics["mean"]]
+        if missing:
+            skipped.append(Skipped(str(run.dir), f"metrics.json has no {', '.join(missing)} (shown as n/a)"))
+    report = Report([str(p) for p in paths], runs, table, params, skipped)
+    from melanoma.report_figures import write_figures
+    from melanoma.report_pdf import write_pdf  # matplotlib and torch: only when writing
+
+    write_pdf(report, out / "report.pdf")  # first: it adds the figures it had to leave out to the list
+    if figures is not None:
+        report.skipped += write_figures(runs[0], figures)
+    write_csv(table, out / "results.csv")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(to_markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``melanoma-report``."""
+    usage = "\n\n".join(__doc__.split("\n\n")[:2]).replace("``", "")  # the title line and the examples
+    parser = argparse.ArgumentParser(prog="melanoma-report", description=usage,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="run, multirun or melanoma-eval directories, or folders above them")
+    parser.add_argument("--out", type=Path, help="output folder (default: the PATH, when only one is given)")
+    parser.add_argument("--figures", type=Path, metavar="DIR",
+                        help="also write the best run's figures as PNGs (sample_augmented, loss_curve, "
+                             "confusion_matrix, activation_map) into DIR, captioned with their data")
+    args = parser.parse_args(argv)
+    if args.out is None and len(args.paths) > 1:
+        parser.error("several PATHs given: name the output folder with --out DIR")
+    out = args.out or Path(args.paths[0])
+    report = report_user_errors("melanoma-report", write_report, args.paths, out, args.figures)
+    print(to_markdown(report))
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.pdf'}"
+          + (f" and the figures in {args.figures}" if args.figures else ""))
+
+
+if __name__ == "__main__":
+    main()

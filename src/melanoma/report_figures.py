@@ -1,0 +1,136 @@
+"""The README's figures of a run (``melanoma-report --figures DIR``), each titled with its data.
+
+``write_figures`` draws ``sample_augmented.png``, ``loss_curve.png``, ``confusion_matrix.png``
+and ``activation_map.png`` from the run's files, like every figure of ``report.pdf``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+from melanoma.checkpoint import atomic_path, load_checkpoint
+from melanoma.data import load_image
+from melanoma.errors import MelanomaError
+from melanoma.plots import plot_augmented_samples, plot_confusion_matrix, plot_loss_curves
+from melanoma.runs import Run, Skipped
+from melanoma.transforms import build_transforms
+
+ACTIVATION_MAPS = Path("explain") / "activation_maps.png"  # where melanoma-explain ckpt=RUN writes
+# What a figure may fail on: missing or moved files, configs without a key, a bad checkpoint.
+FIGURE_ERRORS = (OSError, KeyError, TypeError, ValueError, pd.errors.ParserError, MelanomaError)
+
+
+def describe_data(run: Run, short: bool = False) -> str:
+    """Which images a run learned from, e.g. 'synthetic demo data (melanoma-synth)'."""
+    data = run.config.get("data") or {}
+    if data.get("synthetic"):
+        what = "synthetic demo data (melanoma-synth)"
+    elif data:
+        what = f"{data.get('layout')} data at {data.get('root') or data.get('manifest')}"
+    else:
+        what = "data not recorded"
+    n, positive = run.metrics.get("n_images"), run.metrics.get("n_positive")
+    return what if short or n is None else f"{what}: {n} training images ({positive} malignant)"
+
+
+def caption(run: Run, sep: str = ", ") -> str:
+    """What a figure of ``run`` shows: data, folds, model (``sep="\\n"`` for narrow figures)."""
+    return f"{describe_data(run, short=True)}{sep}{len(run.metrics['folds'])}-fold CV, {run.metrics.get('model')}"
+
+
+def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, n_views: int = 5,
+                         title: str | None = None) -> Figure:
+    """A few of the run's training images and draws of its training transform.
+
+    The transform is rebuilt from the resolved config (augmentation group, ``data.image_size``) and
+    the normalisation stored in ``fold0/best.pt`` (what the model's weights expected).
+
+    Raises:
+        OSError, KeyError, ValueError, MelanomaError: a file or config key it needs is missing.
+    """
+    aug = dict(run.config["augmentation"])
+    recipe = aug.pop("name", "?")
+    mean, std = aug.pop("mean", None), aug.pop("std", None)
+    best = sorted(run.dir.glob("fold*/best.pt"))
+    if best:
+        preprocess = load_checkpoint(best[0])["preprocess"]
+        mean, std = preprocess["mean"], preprocess["std"]
+    if mean is None or std is None:
+        raise ValueError("no normalisation: no fold*/best.pt and augmentation.mean/std are null")
+    transform = build_transforms(run.config["data"]["image_size"], train=True, mean=mean, std=std, **aug)
+    folds = pd.read_csv(run.dir / "folds.csv")
+    picks = pd.concat([part.sample(min(len(part), n_images // 2 or 1), random_state=0)
+                       for _, part in folds.groupby("label")])
+    classes = run.config["data"].get("classes") or ["benign", "malignant"]
+    title = title or f"Training augmentation '{recipe}' at {run.config['data']['image_size']} px: {caption(run)}"
+    return plot_augmented_samples([load_image(p) for p in picks["path"]], transform, mean, std, path,
+                                  n_views=n_views, names=[classes[int(y)] for y in picks["label"]], title=title)
+
+
+def _save_png(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+
+
+def _activation_figure(run: Run, path: Path) -> None:
+    """melanoma-explain's figure with a caption band naming the data, at its own pixel size."""
+    image = imread(run.dir / ACTIVATION_MAPS)
+    h, w = image.shape[:2]
+    band = 60  # pixels
+    fig = Figure(figsize=(w / 150, (h + band) / 150))
+    ax = fig.add_axes((0, 0, 1, h / (h + band)))
+    ax.imshow(image, interpolation="none")
+    ax.axis("off")
+    fig.text(0.5, 1 - band / 2 / (h + band), f"Grad-CAM activation maps: {caption(run)}", ha="center", va="center")
+    _save_png(fig, path)
+
+
+def write_figures(run: Run, out: Path) -> list[Skipped]:
+    """The README's figures of one run, each titled with the data it shows.
+
+    Writes ``sample_augmented.png``, ``loss_curve.png``, ``confusion_matrix.png`` (test split at
+    the evaluation's operating point, else out-of-fold at 0.5) and ``activation_map.png`` (from
+    ``melanoma-explain``) into ``out``.
+
+    Returns:
+        The figures that could not be drawn, with the reason.
+    """
+    about = caption(run)
+
+    def loss_curve(path: Path) -> None:
+        histories = {int(p.parent.name[4:]): pd.read_csv(p) for p in run.dir.glob("fold*/history.csv")}
+        if not histories:
+            raise FileNotFoundError(f"no {run.dir}/fold*/history.csv")
+        plot_loss_curves(histories, path, title=f"Loss per fold (solid train, dashed validation)\n{about}")
+
+    def confusion_matrix(path: Path) -> None:
+        if run.evaluation:
+            e = run.evaluation.metrics
+            pred, threshold = pd.read_csv(run.evaluation.dir / "predictions.csv"), e["threshold"]
+            title = f"Test split ({len(pred)} images), {e['operating_point']} threshold {threshold:.3g}"
+        else:
+            pred, threshold = pd.read_csv(run.dir / "oof_predictions.csv"), 0.5
+            title = "Out-of-fold predictions, threshold 0.5"
+        title += "\n" + caption(run, sep="\n")
+        plot_confusion_matrix(pred["label"], pred["prob"], path, threshold, title=title)
+
+    def activation_map(path: Path) -> None:
+        if not (run.dir / ACTIVATION_MAPS).is_file():
+            raise FileNotFoundError(f"no {run.dir / ACTIVATION_MAPS}: run melanoma-explain ckpt={run.dir}")
+        _activation_figure(run, path)
+
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = []
+    for name, draw in (("sample_augmented", lambda path: augmentation_samples(run, path)),
+                       ("loss_curve", loss_curve), ("confusion_matrix", confusion_matrix),
+                       ("activation_map", activation_map)):
+        try:
+            draw(out / f"{name}.png")
+        except FIGURE_ERRORS as exc:
+            skipped.append(Skipped(str(out / f"{name}.png"), str(exc) if isinstance(exc, FileNotFoundError)
+                                   else f"{type(exc).__name__}: {exc}"))
+    return skipped

@@ -1,0 +1,164 @@
+"""Finished training runs and their evaluations, collected from directories.
+
+A training run is a folder whose ``metrics.json`` holds ``folds`` and ``mean`` (melanoma-train);
+an evaluation one whose ``metrics.json`` names a ``ckpt`` (melanoma-eval). A folder with a
+``train.log`` or ``folds.csv`` but no ``metrics.json`` is a run that crashed or is still running.
+Nothing is trained or loaded beyond these files (and a fold checkpoint's config for runs
+trained without Hydra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+_RUN_MARKERS = ("metrics.json", "train.log", "folds.csv")
+
+
+@dataclass
+class Evaluation:
+    """A ``melanoma-eval`` output directory and its ``metrics.json``."""
+
+    dir: Path
+    metrics: dict
+
+
+@dataclass
+class Run:
+    """A finished training run: its directory, ``metrics.json``, resolved config and overrides."""
+
+    dir: Path
+    metrics: dict
+    config: dict
+    overrides: list[str]
+    label: str = ""
+    evaluation: Evaluation | None = None
+
+
+@dataclass
+class Skipped:
+    """Something the report could not use, and why."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that puts sweep job 10 after job 9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _candidates(root: Path):
+    """Directories under ``root`` (itself included) that hold a run's or an evaluation's files."""
+    for here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".hydra" and not re.fullmatch(r"fold\d+", d)]
+        if set(_RUN_MARKERS) & set(files):
+            yield Path(here)
+
+
+def _last_error(log: Path) -> str | None:
+    """The last error line of a training log, without its timestamp prefix."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [ln for ln in lines if "ERROR" in ln or "error:" in ln or "Error" in ln]
+    return re.sub(r"^(\[[^]]*\])+\s*-?\s*", "", errors[-1]).strip()[:200] if errors else None
+
+
+def _load_config(run_dir: Path) -> tuple[dict, list[str]]:
+    """The run's resolved config and overrides: Hydra's ``.hydra/`` files, else a fold checkpoint."""
+    hydra_dir = run_dir / ".hydra"
+    if (hydra_dir / "config.yaml").is_file():
+        conf = OmegaConf.load(hydra_dir / "config.yaml")
+        try:
+            config = OmegaConf.to_container(conf, resolve=True)
+        except Exception:  # an interpolation this process cannot resolve: keep it as written
+            config = OmegaConf.to_container(conf, resolve=False)
+        overrides = []
+        if (hydra_dir / "overrides.yaml").is_file():
+            overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))]
+        return config, overrides
+    from melanoma.checkpoint import load_checkpoint  # torch: only for runs trained outside the CLI
+
+    for best in sorted(run_dir.glob("fold*/best.pt"), key=natural_key)[:1]:
+        return load_checkpoint(best).get("config") or {}, []
+    return {}, []
+
+
+def _evaluated_run(evaluation: Evaluation, runs: dict[Path, Run]) -> Run | None:
+    """The run whose directory holds the evaluated checkpoint (``ckpt`` may be relative to the
+    directory melanoma-eval ran in, usually an ancestor of its output folder)."""
+    ckpt = Path(str(evaluation.metrics["ckpt"])).expanduser()
+    if ckpt.suffix == ".pt":
+        ckpt = ckpt.parent.parent if re.fullmatch(r"fold\d+", ckpt.parent.name) else ckpt.parent
+    bases = [Path("/")] if ckpt.is_absolute() else [evaluation.dir, *evaluation.dir.resolve().parents, Path.cwd()]
+    for base in bases:
+        run = runs.get((base / ckpt).resolve())
+        if run is not None:
+            return run
+    return None
+
+
+def collect(paths: list[str | Path]) -> tuple[list[Run], list[Skipped]]:
+    """Find the runs and evaluations under ``paths`` and read their files.
+
+    Returns:
+        The finished runs (each with its newest evaluation attached, if any) and what was skipped.
+    """
+    runs: dict[Path, Run] = {}
+    evaluations: list[Evaluation] = []
+    skipped: list[Skipped] = []
+    seen: set[Path] = set()  # PATHs may overlap
+    for path in map(Path, paths):
+        if not path.is_dir():
+            skipped.append(Skipped(str(path), "not a directory" if path.exists() else "does not exist"))
+            continue
+        found = sorted(_candidates(path), key=natural_key)
+        if not found:
+            skipped.append(Skipped(str(path), "no runs found (no metrics.json, train.log or folds.csv under it)"))
+        for d in found:
+            if d.resolve() in seen:
+                continue
+            seen.add(d.resolve())
+            if not (d / "metrics.json").is_file():
+                error = _last_error(d / "train.log")
+                skipped.append(Skipped(str(d), "no metrics.json: the run crashed or is still running"
+                                       + (f"; last error in train.log: {error}" if error else "")))
+                continue
+            try:
+                metrics = json.loads((d / "metrics.json").read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                skipped.append(Skipped(str(d), f"metrics.json cannot be read ({exc})"))
+                continue
+            if isinstance(metrics, dict) and isinstance(metrics.get("folds"), list) and isinstance(
+                    metrics.get("mean"), dict):
+                try:
+                    config, overrides = _load_config(d)
+                except Exception as exc:  # a broken config costs the parameter columns, not the run
+                    config, overrides = {}, []
+                    skipped.append(Skipped(str(d), f"config unreadable, parameters shown as n/a ({exc})"))
+                runs[d.resolve()] = Run(d, metrics, config, overrides)
+            elif isinstance(metrics, dict) and "ckpt" in metrics and isinstance(metrics.get("thresholds"), dict):
+                evaluations.append(Evaluation(d, metrics))
+            else:
+                skipped.append(Skipped(str(d), "metrics.json holds neither fold results (melanoma-train) "
+                                               "nor a ckpt (melanoma-eval)"))
+    for evaluation in sorted(evaluations, key=lambda e: (e.dir / "metrics.json").stat().st_mtime):
+        run = _evaluated_run(evaluation, runs)
+        if run is None:
+            skipped.append(Skipped(str(evaluation.dir), f"evaluation of ckpt={evaluation.metrics['ckpt']}, "
+                                                        "which is not among the runs found"))
+            continue
+        if run.evaluation is not None:
+            skipped.append(Skipped(str(run.evaluation.dir), f"evaluation superseded by the newer {evaluation.dir}"))
+        run.evaluation = evaluation
+    return list(runs.values()), skipped

@@ -1,0 +1,153 @@
+"""melanoma-report on a real 2 x 2 sweep (lr x batch size), an evaluation and broken inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from pypdf import PdfReader
+
+from melanoma.evaluate import evaluate_run
+from melanoma.report import CV_METRICS, main, write_report
+
+from conftest import TINY, make_config
+
+# title + table + skipped + heat map + per run (figures, config) + ROC + augmentation [+ activation maps]
+FIXED_PAGES = 6
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2 x 2 sweep plus, under extra/: a crashed run, a run without AUC, unreadable JSON, evaluations."""
+    root = tmp_path_factory.mktemp("report")
+    exe = Path(sys.executable).with_name("melanoma-train")
+    result = subprocess.run([str(exe), "-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2",
+                             "optimizer.lr=0.001,0.01", "data.batch_size=16,32", f"hydra.sweep.dir={root / 'sweep'}"],
+                            cwd=root, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})  # tiny models: threads only contend
+    assert result.returncode == 0, result.stderr[-2000:]
+    extra = root / "extra"
+    crashed = shutil.copytree(root / "sweep" / "1", extra / "crashed")
+    (crashed / "metrics.json").unlink()
+    with (crashed / "train.log").open("a") as log:
+        log.write("[2026-01-01 00:00:00,000][melanoma-train][ERROR] - fold 1, epoch 1: the loss is not finite\n")
+    legacy = shutil.copytree(root / "sweep" / "2", extra / "legacy")  # an older metrics.json without AUC
+    metrics = json.loads((legacy / "metrics.json").read_text())
+    for block in (metrics["mean"], metrics["std"], *metrics["folds"]):
+        del block["auc"]
+    (legacy / "metrics.json").write_text(json.dumps(metrics))
+    garbled = shutil.copytree(root / "sweep" / "3", extra / "garbled")
+    (garbled / "metrics.json").write_text('{"folds": [')
+    cfg = make_config([f"ckpt={root / 'sweep' / '0'}", "eval.n_resamples=50", "eval.num_workers=0"], "eval")
+    evaluate_run(cfg, extra / "eval_old")
+    # The same evaluation, as melanoma-eval run from `root` with a relative ckpt would record it.
+    newer = shutil.copytree(extra / "eval_old", extra / "eval_new")
+    metrics = json.loads((newer / "metrics.json").read_text())
+    (newer / "metrics.json").write_text(json.dumps(metrics | {"ckpt": "sweep/0/fold1/best.pt"}))
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs: Path):
+    paths = [runs / "sweep", runs / "extra", runs / "empty", runs / "sweep" / "0"]  # overlapping: one row each
+    return write_report([str(p) for p in paths], runs / "out")
+
+
+def _metrics(runs: Path, label: str) -> dict:
+    return json.loads((runs / label / "metrics.json").read_text())
+
+
+def test_table_rows_and_values_match_the_metrics_files(runs: Path, report) -> None:
+    table = pd.read_csv(runs / "out" / "results.csv")
+    assert sorted(table["run"]) == ["extra/legacy", "sweep/0", "sweep/1", "sweep/2", "sweep/3"]
+    for _, row in table.iterrows():
+        metrics = _metrics(runs, row["run"])
+        for key in CV_METRICS:
+            if key in metrics["mean"]:
+                assert row[f"{key}_mean"] == pytest.approx(metrics["mean"][key], rel=1e-9, abs=1e-12)
+                assert row[f"{key}_std"] == pytest.approx(metrics["std"][key], rel=1e-9, abs=1e-12)
+            else:
+                assert math.isnan(row[f"{key}_mean"])
+        assert row["best_epochs"] == ", ".join(str(f["best_epoch"]) for f in metrics["folds"])
+        assert row["model"] == "test_efficientnet" and row["folds"] == 2
+    grid = table[table["run"].str.startswith("sweep/")]
+    assert set(zip(grid["lr"], grid["batch_size"], strict=True)) == {(0.001, 16), (0.001, 32), (0.01, 16),
+                                                                     (0.01, 32)}
+    assert (table.loc[table["run"] == "sweep/0", ["lr", "batch_size"]].to_numpy() == [[0.001, 16]]).all()
+
+
+def test_sorted_by_auc_with_the_best_marked(runs: Path, report) -> None:
+    table = pd.read_csv(runs / "out" / "results.csv")
+    aucs = table["auc_mean"].tolist()
+    assert aucs[:4] == sorted(aucs[:4], reverse=True) and math.isnan(aucs[4])  # no AUC: last
+    assert table["best"].tolist() == [True, False, False, False, False]
+    markdown = (runs / "out" / "results.md").read_text()
+    best_line = next(line for line in markdown.splitlines() if line.startswith("| ★"))
+    assert f"| {table.loc[0, 'run']} |" in best_line
+
+
+def test_evaluation_joins_its_run(runs: Path, report) -> None:
+    table = pd.read_csv(runs / "out" / "results.csv").set_index("run")
+    evaluation = json.loads((runs / "extra" / "eval_old" / "metrics.json").read_text())
+    auc = evaluation["thresholds"][evaluation["operating_point"]]["metrics"]["auc"]
+    row = table.loc["sweep/0"]
+    assert row["eval_dir"] == str(runs / "extra" / "eval_new")  # the newer of the two, found by a relative ckpt
+    assert row["test_auc"] == pytest.approx(auc["value"]) and row["test_auc_low"] == pytest.approx(auc["ci"][0])
+    assert table.drop(index="sweep/0")["test_auc"].isna().all()
+    assert "test AUC (95% CI)" in (runs / "out" / "results.md").read_text()
+
+
+def test_skipped_inputs_are_listed_with_the_reason(runs: Path, report) -> None:
+    reasons = {Path(s.path).name: s.reason for s in report.skipped}
+    assert "crashed" in reasons["crashed"] and "the loss is not finite" in reasons["crashed"]
+    assert "cannot be read" in reasons["garbled"]
+    assert reasons["empty"].startswith("no runs found")
+    assert reasons["legacy"] == "metrics.json has no auc (shown as n/a)"
+    assert reasons["eval_old"].startswith("evaluation superseded")
+    assert reasons["activation maps"] == ("no run has explain/activation_maps.png: "
+                                          f"run melanoma-explain ckpt={report.runs[0].dir}")
+    assert "heat map" not in reasons  # 2 learning rates x 2 batch sizes
+    markdown = (runs / "out" / "results.md").read_text()
+    assert all(reason in markdown for reason in reasons.values())
+
+
+def test_pdf_has_one_page_per_section_and_two_per_run(runs: Path, report) -> None:
+    pages = len(PdfReader(runs / "out" / "report.pdf").pages)
+    assert pages == FIXED_PAGES + 2 * 5  # five runs; no activation maps
+    assert sorted(p.name for p in (runs / "out").iterdir()) == ["report.pdf", "results.csv", "results.md"]
+
+
+def test_cli_defaults_to_the_sweep_and_embeds_activation_maps(runs: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = runs / "sweep"
+    for job in range(4):  # where melanoma-explain ckpt=RUN puts its figure
+        (sweep / str(job) / "explain").mkdir()
+        Image.new("RGB", (300, 200), "orange").save(sweep / str(job) / "explain" / "activation_maps.png")
+    main([str(sweep), "--figures", str(runs / "assets")])
+    printed = capsys.readouterr().out
+    assert "| ★ |" in printed and "Skipped" in printed and str(sweep / "report.pdf") in printed
+    assert len(PdfReader(sweep / "report.pdf").pages) == FIXED_PAGES + 1 + 2 * 4
+    assert len(pd.read_csv(sweep / "results.csv")) == 4
+    for name in ("sample_augmented", "loss_curve", "confusion_matrix", "activation_map"):
+        Image.open(runs / "assets" / f"{name}.png").verify()
+
+
+def test_no_runs_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("melanoma-report: error: no finished training run")
+    assert "missing: does not exist" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):  # several PATHs need --out
+        main([str(tmp_path), str(tmp_path)])
+    assert "--out" in capsys.readouterr().err
