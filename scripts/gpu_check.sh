@@ -23,8 +23,10 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   py=${PYTHON:-.venv/bin/python}
   "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 captum==0.9.0 \
+    hydra-core==1.3.2 omegaconf==2.3.0 captum==0.9.0 \
     hydra-joblib-launcher==1.2.0 hydra-submitit-launcher==1.2.0 submitit cloudpickle
+  # omegaconf's parser runtime is published as source only; it is pure Python, so build its wheel here
+  "$py" -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   exit 0
 fi
