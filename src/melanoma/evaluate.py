@@ -30,17 +30,18 @@ from melanoma.synthetic import generate_dataset
 log = logging.getLogger("melanoma.evaluate")
 
 
-def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str, str]], pd.DataFrame]:
+def load_eval_set(data: dict, split: str, split_key: str = "eval.split") -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The labelled images to score, with unreadable files handled by ``data.on_bad_file``.
 
     A split with a single class is returned as is: metrics that need both classes are then
-    reported as unavailable rather than failing the evaluation.
+    reported as unavailable rather than failing the evaluation. ``split_key`` is the config key
+    that error messages name (``eval.split`` for melanoma-eval, ``split`` for melanoma-explain).
 
     Returns:
         ``(images to score, skipped (path, reason))``.
     """
     if split not in ("test", "train", "all"):
-        raise ConfigError(f"eval.split={split!r} is not one of test, train, all")
+        raise ConfigError(f"{split_key}={split!r} is not one of test, train, all")
     if data.get("synthetic"):
         generate_dataset(data["root"], **data["synthetic"])
     records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
@@ -48,7 +49,7 @@ def load_eval_set(data: dict, split: str) -> tuple[pd.DataFrame, list[tuple[str,
         records = records[records["split"] == split]
     if records.empty:
         raise DataError(f"the dataset at {data['root'] or data.get('manifest')} has no {split} images; "
-                        "pass eval.split=all to evaluate every image")
+                        f"pass {split_key}=all to use every image")
     bad = scan_images(records["path"].tolist(), data.get("on_bad_file") or "error")
     records = records[~records["path"].isin({p for p, _ in bad})]
     if records.empty:
