@@ -38,4 +38,8 @@ def test_too_few_images_names_the_keys(tmp_path: Path) -> None:
     cfg = make_config(["experiment=bench_smoke", f"data.root={tmp_path / 'jpegs'}", "bench.steps=50"], "bench")
     with pytest.raises(ConfigError, match=r"bench.steps"):
         run_benchmark(cfg, tmp_path / "out")
+    cfg = make_config(["experiment=bench_smoke", f"data.root={tmp_path / 'jpegs'}", "data.eval_batch_size=64"],
+                      "bench")
+    with pytest.raises(ConfigError, match=r"data.eval_batch_size=64 is more than the 24 images"):
+        run_benchmark(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "benchmark.json").exists()

@@ -55,3 +55,20 @@ def test_checkpoints_hold_the_plain_model_under_compile() -> None:
     compiled = torch.compile(model)  # lazy: nothing is compiled until the first forward
     assert _unwrap(compiled) is model
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in _unwrap(compiled).state_dict())
+
+
+def test_resume_in_another_precision_is_refused(tmp_path) -> None:
+    """precision=auto resolves per machine (fp32 on a CPU, bf16/fp16 on GPUs): the saved state must fit."""
+    from melanoma.engine import fit
+    from melanoma.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 2, 2), torch.tensor([0.0, 1.0] * 4))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = (model, loader, loader, data.tensors[1].numpy(), optimizer, None, torch.nn.BCEWithLogitsLoss())
+    fit(*args, resolve_runtime("cpu", "fp32"), 1, tmp_path, {"k": 1})
+    with pytest.raises(ConfigError, match="trained in fp32 .* resume with trainer.precision=fp32"):
+        fit(*args, resolve_runtime("cpu", "bf16"), 2, tmp_path, {"k": 1})
+    assert len(fit(*args, resolve_runtime("cpu", "fp32"), 2, tmp_path, {"k": 1}).history) == 2

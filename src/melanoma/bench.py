@@ -95,6 +95,10 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     if len(train_set) < need:
         raise ConfigError(f"bench needs (bench.warmup + bench.steps) x data.batch_size = {need} training images; "
                           f"{d.root} has {len(train_set)}: lower bench.steps or use a larger set")
+    eval_batch = d.eval_batch_size or 2 * d.batch_size
+    if eval_batch > need:
+        raise ConfigError(f"data.eval_batch_size={eval_batch} is more than the {need} images the benchmark uses; "
+                          "lower data.eval_batch_size or raise bench.steps")
     train_set = train_set.sample(n=need, random_state=cfg.seed).reset_index(drop=True)
     paths, labels = train_set["path"].tolist(), train_set["label"].tolist()
 
@@ -106,7 +110,6 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     mean, std = aug.pop("mean") or mean, aug.pop("std") or std
     aug.pop("name")
     size, batch, workers = d.image_size, d.batch_size, resolve_num_workers(d.num_workers)
-    eval_batch = d.eval_batch_size or 2 * batch
     optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, fused=runtime.device.type == "cuda")
     loss_fn, scaler = make_loss(None).to(runtime.device), runtime.grad_scaler()
     results: dict = {}

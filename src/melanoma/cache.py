@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
@@ -57,7 +59,9 @@ def decode_resized(path: str | Path, edge: int) -> torch.Tensor:
 
 def cache_key(digests: Sequence[str], edge: int) -> str:
     """The name of a cache: a hash of the format, the resize edge and every image's content, in order."""
-    text = json.dumps({"format": FORMAT, "edge": edge, "antialias": True, "images": list(digests)})
+    # The decoders' versions too: a cache folder shared between machines must not mix their pixels.
+    text = json.dumps({"format": FORMAT, "edge": edge, "antialias": True, "pillow": PIL.__version__,
+                       "torchvision": torchvision.__version__, "images": list(digests)})
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -77,7 +81,8 @@ class DecodedImages:
         self.shapes, self.offsets = shapes, offsets
         self.file = file
         self._arrays = arrays
-        self._map: np.memmap | None = None
+        # Mapped now, so forked workers inherit the mapping: deleting the file later cannot break the run.
+        self._map = np.memmap(file, dtype=np.uint8, mode="r") if file is not None and offsets.size else None
         self._index = {p: i for i, p in enumerate(self.paths)}
 
     def __len__(self) -> int:
@@ -89,8 +94,8 @@ class DecodedImages:
     def __getitem__(self, path: str) -> torch.Tensor:
         i = self._index[path]
         if self._arrays is not None:
-            return torch.from_numpy(self._arrays[i])
-        if self._map is None:  # mapped lazily: each worker process opens its own view
+            return torch.from_numpy(self._arrays[i].copy())  # a transform may work in place: never on the cache
+        if self._map is None:  # after unpickling (spawned workers): map the file again
             self._map = np.memmap(self.file, dtype=np.uint8, mode="r")
         shape, start = self.shapes[i], int(self.offsets[i])
         flat = self._map[start:start + int(np.prod(shape))]
@@ -159,9 +164,10 @@ def build_cache(paths: Sequence[str], edge: int, mode: CacheMode, cache_dir: str
                           "folder or use data.cache=memory") from None
     pixels, index = folder / f"{key}.u8", folder / f"{key}.npz"
     if index.is_file() and pixels.is_file():  # the index is written last: its presence means complete
-        stored = np.load(index)
+        with np.load(index) as stored:
+            shapes, offsets = stored["shapes"], stored["offsets"]
         log.info("decoded-image cache hit: %s (%d images)", pixels, len(paths))
-        return DecodedImages(paths, edge, key, stored["shapes"], stored["offsets"], file=pixels)
+        return DecodedImages(paths, edge, key, shapes, offsets, file=pixels)
     shapes, offsets, offset = [], [], 0
     with atomic_path(pixels) as tmp, open(tmp, "wb") as f:
         for array in _decode_all(paths, edge, workers):

@@ -163,7 +163,8 @@ def _comparable(config: dict) -> dict:
 
 
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-                train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple) -> None:
+                train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple,
+                precision: str) -> None:
     """Write ``last.pt``: the state after ``epoch``, atomically, loadable with ``weights_only``."""
     score, best_epoch, metrics, probs = best
     with atomic_path(path) as tmp:
@@ -172,17 +173,21 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "history": rows,
             "best": {"score": score, "epoch": best_epoch, "metrics": metrics, "probs": torch.from_numpy(probs)},
-            "rng": get_rng_state(), "loader_rng": train_loader.generator.get_state(),
+            "rng": get_rng_state(), "loader_rng": train_loader.generator.get_state(), "precision": precision,
         }, tmp)
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-             train_loader: DataLoader, config: dict) -> tuple[list[dict], tuple, int]:
+             train_loader: DataLoader, config: dict, precision: str) -> tuple[list[dict], tuple, int]:
     """Load ``last.pt`` into the training objects; returns history rows, best, next epoch."""
     state = load_checkpoint(path)
     if _comparable(state.get("config", {})) != _comparable(config):
         raise ConfigError(f"{path} was written by a run with another config; resume with the same overrides, "
                           "or train into a new run directory")
+    saved = state.get("precision", precision)  # precision=auto resolves per machine: the scaler state must fit
+    if saved != precision:
+        raise ConfigError(f"{path} was trained in {saved} and this machine resolves trainer.precision to "
+                          f"{precision}; resume with trainer.precision={saved}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -235,7 +240,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
     rows, best, first = [], None, 1
     if (fold_dir / "last.pt").is_file():
         rows, best, first = _restore(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler,
-                                     train_loader, config)
+                                     train_loader, config, runtime.precision)
         log.info("fold %d: resuming after epoch %d of %d", fold, first - 1, epochs)
     for epoch in tqdm(range(first, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
         start = time.perf_counter()
@@ -267,6 +272,6 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
                 save_checkpoint(fold_dir / "best.pt", _unwrap(model), config, epoch, best[2], fold=fold,
                                 **(checkpoint_extra or {}))
             _save_state(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler, train_loader, config,
-                        epoch, rows, best)
+                        epoch, rows, best, runtime.precision)
     _, best_epoch, best_metrics, best_probs = best
     return FoldResult(best_epoch, best_metrics, best_probs, pd.DataFrame(rows, columns=HISTORY_COLUMNS))

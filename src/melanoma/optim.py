@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -34,7 +35,8 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
     if not lr > 0:
         raise ConfigError(f"optimizer.lr={lr} must be positive")
     extra = {"momentum": momentum} if name in ("sgd", "momentum") else {}
-    if fused:
+    optimizer_class = torch.optim.SGD if name in ("sgd", "momentum") else torch.optim.Adam
+    if fused and "fused" in inspect.signature(optimizer_class).parameters:  # SGD has it from torch 2.3
         extra["fused"] = True
     return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay, **extra)
 

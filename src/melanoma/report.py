@@ -8,8 +8,9 @@ Every ``metrics.json`` under the PATHs (run directories, sweep directories or an
 them) is read: training runs become rows, and a ``melanoma-eval`` result joins the run its
 ``ckpt`` names. ``results.csv`` holds the numbers (means and stds apart, so it can be read back),
 ``results.md`` the same table for people, ``report.pdf`` the figures (see ``report_pdf.py``). What
-could not be used (a crashed run, an unreadable file, a figure that cannot be drawn) is listed
-with the reason in all three and on stdout.
+could not be used (a crashed run, an unreadable file, an evaluation that is not the run's test
+result, a figure that cannot be drawn) is listed with the reason in ``results.md``, on stdout and
+(all but the ``--figures`` PNGs) on a page of the PDF.
 """
 
 from __future__ import annotations

@@ -108,6 +108,28 @@ def _evaluated_run(evaluation: Evaluation, runs: dict[Path, Run]) -> Run | None:
     return None
 
 
+def _not_the_test_result(evaluation: Evaluation, run: Run) -> str | None:
+    """Why an evaluation of the run is not its test result (the table's "test" columns), or None.
+
+    Only the fold ensemble scored on the test split of the run's own data qualifies: a train or
+    all split holds images the folds trained on, one fold model is not the ensemble, and another
+    dataset is another question.
+    """
+    m = evaluation.metrics
+    if m.get("split", "test") != "test":
+        return f"it scored split={m['split']} (the folds trained on those images); use eval.split=test"
+    n_models, n_folds = len(m.get("models") or []), len(run.metrics["folds"])
+    if n_models and n_models != n_folds:
+        return f"it scored {n_models} of the run's {n_folds} fold models, not the ensemble (ckpt=RUN_DIR)"
+    trained_on = (run.config.get("data") or {}).get("root")
+    scored = (m.get("data") or {}).get("root")
+    same = str(scored) == str(trained_on) or Path(str(scored)).expanduser().resolve() == Path(
+        str(trained_on)).expanduser().resolve()
+    if trained_on and scored and not same:
+        return f"it scored other data ({scored}, the run trained on {trained_on})"
+    return None
+
+
 def collect(paths: list[str | Path]) -> tuple[list[Run], list[Skipped]]:
     """Find the runs and evaluations under ``paths`` and read their files.
 
@@ -157,6 +179,10 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[Skipped]]:
         if run is None:
             skipped.append(Skipped(str(evaluation.dir), f"evaluation of ckpt={evaluation.metrics['ckpt']}, "
                                                         "which is not among the runs found"))
+            continue
+        mismatch = _not_the_test_result(evaluation, run)
+        if mismatch:
+            skipped.append(Skipped(str(evaluation.dir), f"not used as the run's test result: {mismatch}"))
             continue
         if run.evaluation is not None:
             skipped.append(Skipped(str(run.evaluation.dir), f"evaluation superseded by the newer {evaluation.dir}"))

@@ -88,7 +88,10 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
     if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+        # Compute capability 8+ (Ampere) has bf16 units; is_bf16_supported() also says yes to emulated bf16.
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        precision = ("bf16" if torch.cuda.get_device_capability(local)[0] >= 8 else "fp16") if device == "cuda" \
+            else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs CUDA; use trainer.precision=fp32 or bf16 on the CPU")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
