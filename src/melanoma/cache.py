@@ -71,7 +71,7 @@ class DecodedImages:
     In ``memory`` mode the pixels are a list of arrays in this process (DataLoader workers see
     them through fork's copy-on-write). In ``disk`` mode they live in one flat file that each
     process maps on first use, so the operating system's page cache is shared between workers,
-    ranks and sweep points.
+    ranks and sweep points. ``key`` names the disk cache (empty in memory mode).
     """
 
     def __init__(self, paths: Sequence[str], edge: int, key: str, shapes: np.ndarray, offsets: np.ndarray,
@@ -149,11 +149,11 @@ def build_cache(paths: Sequence[str], edge: int, mode: CacheMode, cache_dir: str
     if not isinstance(edge, int) or edge < 1:
         raise ConfigError(f"data.cache_edge={edge!r} must be a positive integer (or null for the eval resize)")
     workers = workers or usable_cores()
-    key = cache_key(_digests(paths, workers), edge)
-    if mode == "memory":
+    if mode == "memory":  # lives as long as this run: no name to look up, so no content hashing
         arrays = list(_decode_all(paths, edge, workers))
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(-1, 3)
-        return DecodedImages(paths, edge, key, shapes, np.zeros(len(arrays), np.int64), arrays=arrays)
+        return DecodedImages(paths, edge, "", shapes, np.zeros(len(arrays), np.int64), arrays=arrays)
+    key = cache_key(_digests(paths, workers), edge)
     if cache_dir is None:
         raise ConfigError("data.cache=disk needs data.cache_dir=FOLDER")
     folder = Path(cache_dir).expanduser()
