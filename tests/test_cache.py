@@ -13,11 +13,11 @@ from PIL import Image
 from melanoma.cache import build_cache, cache_key, file_digest
 from melanoma.data import ImageDataset, load_records
 from melanoma.errors import ConfigError
-from melanoma.transforms import build_transforms
+from melanoma.transforms import build_transforms, eval_resize
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE, CROP = 40, 0.875
-EDGE = round(SIZE / CROP)
+EDGE = eval_resize(SIZE, CROP)
 
 
 @pytest.fixture()

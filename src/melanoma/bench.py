@@ -42,7 +42,7 @@ from melanoma.models import create_model, model_normalization
 from melanoma.optim import create_optimizer
 from melanoma.runtime import Runtime, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_transforms
+from melanoma.transforms import build_transforms, eval_resize
 
 log = logging.getLogger("melanoma.bench")
 
@@ -129,7 +129,7 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
 
     # (b) the training loop through the configured pipeline, (c) validation through it.
     start = time.perf_counter()
-    decoded = build_cache(paths, d.cache_edge or round(size / aug["crop_pct"]), d.cache, d.cache_dir)
+    decoded = build_cache(paths, d.cache_edge or eval_resize(size, aug["crop_pct"]), d.cache, d.cache_dir)
     results["cache_build_seconds"] = time.perf_counter() - start
     pin = runtime.device.type == "cuda"
     train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)

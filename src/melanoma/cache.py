@@ -130,8 +130,8 @@ def build_cache(paths: Sequence[str], edge: int, mode: CacheMode, cache_dir: str
 
     Args:
         paths: the images, each decoded once even if folds reuse it.
-        edge: short side after resizing; use the evaluation transform's resize
-            (``round(image_size / crop_pct)``) for bit-identical evaluation tensors.
+        edge: short side after resizing; use :func:`melanoma.transforms.eval_resize` for
+            bit-identical evaluation tensors.
         mode: ``none`` (no cache: return ``None``), ``memory`` or ``disk``.
         cache_dir: folder of disk caches (``disk`` only); created if missing.
         workers: decoding threads (default: the usable cores).

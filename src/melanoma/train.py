@@ -47,7 +47,7 @@ from melanoma.optim import create_optimizer, create_scheduler
 from melanoma.plots import plot_run
 from melanoma.runtime import broadcast, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_transforms
+from melanoma.transforms import build_transforms, eval_resize
 
 log = logging.getLogger("melanoma.train")
 THRESHOLD = 0.5
@@ -141,7 +141,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)
     eval_tf = build_transforms(size, train=False, mean=mean, std=std, **aug)
     # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
-    decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or round(size / aug["crop_pct"]),
+    decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or eval_resize(size, aug["crop_pct"]),
                           cfg.data.cache, cfg.data.cache_dir)
     batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
     per_fold, oof = [], []

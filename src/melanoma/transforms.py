@@ -16,6 +16,15 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(image, k, dims=(-2, -1)) if k else image
 
 
+def eval_resize(image_size: int, crop_pct: float) -> int:
+    """Short side the evaluation transform resizes to before its centre crop of ``image_size``.
+
+    The decode-once cache stores images at this edge by default, which keeps evaluation tensors
+    bit-identical with and without it: resizing to the size an image already has is a no-op.
+    """
+    return round(image_size / crop_pct)
+
+
 def build_transforms(
     image_size: int,
     *,
@@ -70,6 +79,6 @@ def build_transforms(
         if color_jitter is not None:
             steps.append(v2.ColorJitter(*color_jitter))
     else:
-        steps += [v2.Resize(round(image_size / crop_pct), antialias=True), v2.CenterCrop(image_size)]
+        steps += [v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
     return v2.Compose(steps)
