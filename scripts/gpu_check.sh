@@ -3,17 +3,20 @@
 #   1. generate the benchmark set: 10,605 synthetic 300x300 JPEGs in the seed's layout
 #      (9,605 train, 1,000 test);
 #   2. melanoma-bench: model step vs full training loop vs evaluation vs timm's loader
-#      (efficientnet_b0, 224 px, batch 64, AMP);
+#      (efficientnet_b0, 224 px, batch 64, AMP), once with the augmentation in the loader's
+#      workers and once batched on the GPU (augmentation.on_device=true);
 #   3. the seed's full protocol, timed: 3 folds x 25 epochs of efficientnet_b0 at 224 px, AMP,
-#      decode-once cache, data loading included (target: under 5 minutes).
+#      decode-once cache, data loading included (target: under 5 minutes), with whichever
+#      augmentation placement gave the faster training loop in step 2.
 #
 # Usage (from the repository root):
 #   scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else outputs/gpu_check
 #   SMOKE=1 scripts/gpu_check.sh /tmp/x     # the same steps in a minute on a CPU (tiny sizes)
 #   EXTRA="trainer.compile=true" scripts/gpu_check.sh   # more overrides for steps 2 and 3
+#                                                       # (not augmentation.on_device: step 2 picks it)
 #
 # melanoma runs from src/ (no install needed) when its dependencies are importable. A machine
-# that has torch, torchvision and timm but not the rest (Hydra, Captum, ...) installs them from
+# that has torch, torchvision and timm but not the rest (Hydra, Captum, kornia...) installs them from
 # wheels in .whl/, made beforehand on a machine with a package index:
 #   scripts/gpu_check.sh --fetch-wheels     # Python 3.12 wheels for the GPU image into .whl/
 set -euo pipefail
@@ -24,7 +27,8 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
     hydra-core==1.3.2 omegaconf==2.3.0 captum==0.9.0 \
-    hydra-joblib-launcher==1.2.0 hydra-submitit-launcher==1.2.0 submitit cloudpickle
+    hydra-joblib-launcher==1.2.0 hydra-submitit-launcher==1.2.0 submitit cloudpickle \
+    kornia==0.9.0 kornia_rs==0.2.0
   # omegaconf's parser runtime is published as source only; it is pure Python, so build its wheel here
   "$py" -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -36,8 +40,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 [ -x .venv/bin/python ] && py=${PYTHON:-.venv/bin/python}
-if ! "$py" -c "import hydra, captum, omegaconf" 2>/dev/null; then
-  [ -d .whl ] || { echo "gpu_check: Hydra/Captum missing and no .whl/ folder: run scripts/gpu_check.sh --fetch-wheels first" >&2; exit 1; }
+if ! "$py" -c "import hydra, captum, omegaconf, kornia" 2>/dev/null; then
+  [ -d .whl ] || { echo "gpu_check: Hydra/Captum/kornia missing and no .whl/ folder: run scripts/gpu_check.sh --fetch-wheels first" >&2; exit 1; }
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/melanoma-site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/melanoma-site"
 fi
@@ -66,11 +70,23 @@ echo "data: $n_train + $n_test JPEGs at ${size}px in $((t1 - t0)) s" | tee -a "$
 
 "$py" -m melanoma.bench "${common[@]}" "bench.steps=$steps" "hydra.run.dir=$work/bench" 2>&1 | tee "$out/bench.log"
 cp "$work/bench/benchmark.json" "$out/benchmark.json"
+"$py" -m melanoma.bench "${common[@]}" "bench.steps=$steps" augmentation.on_device=true bench.timm_loader=false \
+  "hydra.run.dir=$work/bench-device" 2>&1 | tee "$out/bench_device.log"
+cp "$work/bench-device/benchmark.json" "$out/benchmark_device.json"
+"$py" - "$out/benchmark.json" "$out/benchmark_device.json" <<'PY' | tee -a "$out/summary.txt"
+import json, sys
+workers, device = (json.load(open(p))["images_per_second"] for p in sys.argv[1:])
+print(f"model step {workers['model_step']:.0f} images/s; training loop with the augmentation in the workers "
+      f"{workers['train_loop']:.0f}, on the device {device['train_loop']:.0f}; timm loader "
+      f"{workers.get('timm_loader', 0):.0f}; eval {workers['eval_loop']:.0f}")
+PY
+on_device=$("$py" -c 'import json, sys; w, d = (json.load(open(p))["images_per_second"]["train_loop"] for p in sys.argv[1:]); print(str(d > w).lower())' "$out/benchmark.json" "$out/benchmark_device.json")
+echo "the protocol runs with augmentation.on_device=$on_device (the faster training loop)" | tee -a "$out/summary.txt"
 t2=$(date +%s)
 
 "$py" -m melanoma.train "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
-  "hydra.run.dir=$work/protocol-$t2" 2>&1 | tee "$out/protocol.log"
+  "augmentation.on_device=$on_device" "hydra.run.dir=$work/protocol-$t2" 2>&1 | tee "$out/protocol.log"
 t3=$(date +%s)
 cp "$work/protocol-$t2/metrics.json" "$out/protocol_metrics.json"
-echo "benchmark: $((t2 - t1)) s; full protocol (3 folds x $epochs epochs, $model, ${image}px, data loading" \
+echo "benchmarks: $((t2 - t1)) s; full protocol (3 folds x $epochs epochs, $model, ${image}px, data loading" \
      "included): $((t3 - t2)) s; whole check: $((t3 - t0)) s" | tee -a "$out/summary.txt"

@@ -30,6 +30,7 @@ def test_smoke_benchmark_writes_valid_json(tmp_path: Path) -> None:
                                                                       rel=1e-3)
     assert (report["model"], report["image_size"], report["batch_size"], report["cache"]) == \
         ("test_efficientnet", 32, 8, "memory")
+    assert report["augmentation_on_device"] is False
     assert report["n_images"] == (1 + 2) * 8 and report["machine"]["torch"] and report["machine"]["usable_cores"] >= 1
     assert "train loop / model step" in done.stdout
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import melanoma.train as train_module
@@ -85,6 +86,24 @@ def test_folds_never_see_their_validation_images(tiny_data: Path, tmp_path: Path
     for train_paths, val_paths in seen:
         assert not train_paths & val_paths and train_paths | val_paths == everything
     assert set().union(*(v for _, v in seen)) == everything and sum(len(v) for _, v in seen) == 150
+
+
+def test_augmentation_on_device_feeds_uint8_crops_and_stays_reproducible(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real_fit = train_module.fit
+
+    def spy(model, train_loader, *args, **kwargs):
+        images, _ = next(iter(train_loader))
+        seen.append((images.dtype, kwargs["device_transform"]))
+        return real_fit(model, train_loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", spy)
+    runs = [_train(tiny_data, tmp_path / r, "augmentation.on_device=true", "trainer.epochs=1", "cv.folds=2")
+            for r in "ab"]
+    assert runs[0] == runs[1] and math.isfinite(runs[0]["oof"]["auc"])  # kornia draws from the seeded generators
+    assert all(dtype == torch.uint8 and transform is not None for dtype, transform in seen) and len(seen) == 4
+    assert load_checkpoint(tmp_path / "a" / "fold0" / "best.pt")["preprocess"]["mean"] == [0.485, 0.456, 0.406]
 
 
 def test_deterministic_runs_are_identical(tiny_data: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from melanoma.models import create_model, model_normalization
 from melanoma.optim import create_optimizer
 from melanoma.runtime import Runtime, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_transforms, eval_resize
+from melanoma.transforms import build_pipeline, eval_resize
 
 log = logging.getLogger("melanoma.bench")
 
@@ -103,13 +103,11 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     paths, labels = train_set["path"].tolist(), train_set["label"].tolist()
 
     model = create_model(m.name, False, None).to(runtime.device, memory_format=runtime.memory_format)
-    mean, std = model_normalization(model)
+    aug = OmegaConf.to_container(cfg.augmentation, resolve=True)
+    size, batch, workers = d.image_size, d.batch_size, resolve_num_workers(d.num_workers)
+    pipeline = build_pipeline(size, *model_normalization(model), **aug)
     if cfg.trainer.compile:
         model = torch.compile(model)
-    aug = OmegaConf.to_container(cfg.augmentation, resolve=True)
-    mean, std = aug.pop("mean") or mean, aug.pop("std") or std
-    aug.pop("name")
-    size, batch, workers = d.image_size, d.batch_size, resolve_num_workers(d.num_workers)
     optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, fused=runtime.device.type == "cuda")
     loss_fn, scaler = make_loss(None).to(runtime.device), runtime.grad_scaler()
     results: dict = {}
@@ -129,16 +127,15 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
 
     # (b) the training loop through the configured pipeline, (c) validation through it.
     start = time.perf_counter()
-    decoded = build_cache(paths, d.cache_edge or eval_resize(size, aug["crop_pct"]), d.cache, d.cache_dir)
+    decoded = build_cache(paths, d.cache_edge or eval_resize(size, pipeline.crop_pct), d.cache, d.cache_dir)
     results["cache_build_seconds"] = time.perf_counter() - start
     pin = runtime.device.type == "cuda"
-    train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)
-    eval_tf = build_transforms(size, train=False, mean=mean, std=std, **aug)
-    loader = make_loader(ImageDataset(paths, labels, train_tf, decoded), batch, train=True, num_workers=workers,
-                         seed=cfg.seed, pin_memory=pin, prefetch_factor=d.prefetch_factor)
+    loader = make_loader(ImageDataset(paths, labels, pipeline.train, decoded), batch, train=True,
+                         num_workers=workers, seed=cfg.seed, pin_memory=pin, prefetch_factor=d.prefetch_factor)
     results["train_loop"] = _loop_rate(loader, b, batch, lambda batches: train_one_epoch(
-        model, batches, optimizer, loss_fn, runtime, scaler, desc="train loop"), runtime)
-    eval_loader = make_loader(ImageDataset(paths, labels, eval_tf, decoded), eval_batch, train=False,
+        model, batches, optimizer, loss_fn, runtime, scaler, desc="train loop", device_transform=pipeline.device),
+        runtime)
+    eval_loader = make_loader(ImageDataset(paths, labels, pipeline.eval, decoded), eval_batch, train=False,
                               num_workers=workers, seed=cfg.seed, pin_memory=pin, prefetch_factor=d.prefetch_factor)
     n_eval = (need // eval_batch) * eval_batch
     evaluate(model, islice(eval_loader, max(1, b.warmup // 2)), loss_fn, runtime, desc="warmup")
@@ -148,8 +145,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
 
     # (d) the same loop fed by timm's loader over the same images and batch size.
     if b.timm_loader:
-        results["timm_loader"] = _loop_rate(_timm_loader(paths, classes, size, batch, workers, mean, std, aug,
-                                                         runtime), b, batch,
+        results["timm_loader"] = _loop_rate(_timm_loader(paths, classes, size, batch, workers, pipeline.mean,
+                                                         pipeline.std, aug, runtime), b, batch,
                                             lambda batches: train_one_epoch(model, batches, optimizer, loss_fn,
                                                                             runtime, scaler, desc="timm loader"),
                                             runtime)
@@ -159,7 +156,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
         "machine": machine_info(runtime),
         "model": m.name, "image_size": size, "batch_size": batch, "eval_batch_size": eval_batch,
         "precision": runtime.precision, "channels_last": runtime.channels_last, "compile": bool(cfg.trainer.compile),
-        "num_workers": workers, "cache": d.cache, "augmentation": cfg.augmentation.name, "data": str(d.root),
+        "num_workers": workers, "cache": d.cache, "augmentation": cfg.augmentation.name,
+        "augmentation_on_device": pipeline.device is not None, "data": str(d.root),
         "n_images": need, "warmup_steps": b.warmup, "timed_steps": b.steps,
         "images_per_second": {k: round(results[k], 2) for k in ("model_step", "train_loop", "eval_loop",
                                                                  "timm_loader") if k in results},
@@ -206,7 +204,8 @@ def _timm_loader(paths: list[str], classes: tuple[str, str], size: int, batch: i
 def _print(report: dict, out_dir: Path) -> None:
     ips = report["images_per_second"]
     print(f"\n{report['model']} at {report['image_size']} px, batch {report['batch_size']}, {report['precision']}, "
-          f"{report['num_workers']} workers, cache={report['cache']} on {report['machine']['device']}:")
+          f"{report['num_workers']} workers, cache={report['cache']}, augmentation on "
+          f"{'the device' if report['augmentation_on_device'] else 'the workers'}, on {report['machine']['device']}:")
     for name, value in ips.items():
         print(f"  {name:<12} {value:10.1f} images/s")
     print(f"  train loop / model step = {report['ratio_train_loop_to_model_step']:.3f}"

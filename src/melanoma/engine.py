@@ -44,14 +44,19 @@ def make_loss(pos_weight: float | str | None, labels: np.ndarray | None = None) 
     return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight)))
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
+               device_transform: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+    if device_transform is not None:
+        with torch.no_grad():
+            images = device_transform(images).contiguous(memory_format=runtime.memory_format)
     return images, labels.to(runtime.device, non_blocking=True)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, runtime: Runtime, scaler: torch.amp.GradScaler,
-                    desc: str = "train", skip_nonfinite: bool = False, where: str = "") -> float:
+                    desc: str = "train", skip_nonfinite: bool = False, where: str = "",
+                    device_transform: nn.Module | None = None) -> float:
     """Run one pass over ``loader`` with gradient updates.
 
     Args:
@@ -59,6 +64,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             (costs a device sync per step) instead of stopping. Weights that diverge through
             finite but huge updates still stop the fold, at validation.
         where: context for the error message, e.g. ``"fold 1, epoch 3"``.
+        device_transform: applied to each batch once on the device (the batched part of the
+            augmentation, see ``transforms.build_device_transform``).
 
     Returns:
         The mean training loss over images.
@@ -70,7 +77,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     total, count, skipped = torch.zeros((), device=runtime.device), 0, 0
     first_bad = torch.full((), -1, device=runtime.device)  # checked once per epoch: no sync per step
     for step, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)):
-        images, labels = _to_device(images, labels, runtime)
+        images, labels = _to_device(images, labels, runtime, device_transform)
         with runtime.autocast():
             logits = model(images).squeeze(1)
         loss = loss_fn(logits.float(), labels)
@@ -203,7 +210,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
         monitor: Monitor = "auc", fold: int = 0, checkpoint_extra: dict | None = None,
-        skip_nonfinite: bool = False) -> FoldResult:
+        skip_nonfinite: bool = False, device_transform: nn.Module | None = None) -> FoldResult:
     """Train one fold, keep the best epoch's weights and predictions.
 
     Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
@@ -229,6 +236,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         fold: the fold index, stored in the checkpoint.
         checkpoint_extra: further plain values stored in ``best.pt`` (e.g. the preprocessing).
         skip_nonfinite: skip batches with a NaN/infinite loss instead of stopping the fold.
+        device_transform: the batched part of the training augmentation, run on the device.
 
     Returns:
         The fold's result.
@@ -248,7 +256,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
             train_loader.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler,
-                                     skip_nonfinite=skip_nonfinite, where=f"fold {fold}, epoch {epoch}")
+                                     skip_nonfinite=skip_nonfinite, where=f"fold {fold}, epoch {epoch}",
+                                     device_transform=device_transform)
         val_loss, probs = evaluate(model, val_loader, loss_fn, runtime)
         loss_sum, n_val = all_sum([val_loss * len(probs), float(len(probs))], runtime)
         val_loss, probs = loss_sum / max(n_val, 1), gather_shards(probs, runtime)

@@ -55,6 +55,7 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
     aug = dict(run.config["augmentation"])
     recipe = aug.pop("name", "?")
     mean, std = aug.pop("mean", None), aug.pop("std", None)
+    aug.pop("on_device", None)  # drawn here by the CPU path of the same recipe (statistically equivalent)
     best = sorted(run.dir.glob("fold*/best.pt"))
     if best:
         preprocess = load_checkpoint(best[0])["preprocess"]

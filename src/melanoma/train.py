@@ -47,7 +47,7 @@ from melanoma.optim import create_optimizer, create_scheduler
 from melanoma.plots import plot_run
 from melanoma.runtime import broadcast, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_transforms, eval_resize
+from melanoma.transforms import build_pipeline, eval_resize
 
 log = logging.getLogger("melanoma.train")
 THRESHOLD = 0.5
@@ -112,10 +112,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     m = cfg.model
     probe = create_model(m.name, m.pretrained, m.weights, drop_rate=m.drop_rate)  # fails early on bad names/weights
-    aug = OmegaConf.to_container(cfg.augmentation, resolve=True)
-    default_mean, default_std = model_normalization(probe)
-    mean, std = aug.pop("mean") or default_mean, aug.pop("std") or default_std
-    aug.pop("name")
+    size = cfg.data.image_size
+    pipeline = build_pipeline(size, *model_normalization(probe), **OmegaConf.to_container(cfg.augmentation,
+                                                                                          resolve=True))
     del probe
 
     train_set, bad, audit = load_training_set(cfg.data, cfg.audit)
@@ -136,12 +135,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("%d training images (%d malignant), %d folds; %d unreadable skipped",
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
-    size, workers = cfg.data.image_size, resolve_num_workers(cfg.data.num_workers)
-    preprocess = {"image_size": size, "mean": list(mean), "std": list(std), "crop_pct": aug["crop_pct"]}
-    train_tf = build_transforms(size, train=True, mean=mean, std=std, **aug)
-    eval_tf = build_transforms(size, train=False, mean=mean, std=std, **aug)
+    workers = resolve_num_workers(cfg.data.num_workers)
+    preprocess = {"image_size": size, "mean": pipeline.mean, "std": pipeline.std, "crop_pct": pipeline.crop_pct}
     # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
-    decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or eval_resize(size, aug["crop_pct"]),
+    decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or eval_resize(size, pipeline.crop_pct),
                           cfg.data.cache, cfg.data.cache_dir)
     batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
     per_fold, oof = [], []
@@ -162,7 +159,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                         train=is_train, num_workers=workers, seed=cfg.seed + k,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=not cfg.trainer.deterministic,
                         rank=rank, world_size=world, prefetch_factor=cfg.data.prefetch_factor)
-            for part, tf, is_train in ((tr, train_tf, True), (va.iloc[rank::world], eval_tf, False))
+            for part, tf, is_train in ((tr, pipeline.train, True), (va.iloc[rank::world], pipeline.eval, False))
         ]
         optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay,
                                      cfg.optimizer.momentum, fused=runtime.device.type == "cuda")
@@ -171,7 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                      make_loss(cfg.trainer.pos_weight, tr["label"].to_numpy()), runtime, cfg.trainer.epochs,
                      run_dir / f"fold{k}", config, cfg.trainer.monitor, fold=k,
                      checkpoint_extra={"preprocess": preprocess, "classes": list(cfg.data.classes)},
-                     skip_nonfinite=cfg.trainer.skip_nonfinite)
+                     skip_nonfinite=cfg.trainer.skip_nonfinite, device_transform=pipeline.device)
         per_fold.append({"fold": k, "best_epoch": result.best_epoch} | result.metrics)
         oof.append(va.assign(fold=k, prob=result.probs))
         log.info("fold %d: best epoch %d, val auc %s", k, result.best_epoch, result.metrics["auc"])

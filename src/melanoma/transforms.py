@@ -1,19 +1,38 @@
-"""Augmentation and preprocessing recipes, built from torchvision transforms v2."""
+"""Augmentation and preprocessing recipes, built from torchvision transforms v2 (and kornia on a device)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torchvision.transforms import v2
 
+CROP_PCT = 0.875  # timm's and torchvision's default share of the resized image kept by the centre crop
 
-class RandomRot90(torch.nn.Module):
+
+class RandomRot90(nn.Module):
     """Rotate by a random multiple of 90 degrees: exact and label-preserving for dermoscopy."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(4, ()).item())
         return torch.rot90(image, k, dims=(-2, -1)) if k else image
+
+
+class BatchRandomRot90(nn.Module):
+    """:class:`RandomRot90` drawn for each image of a square ``(B, C, H, W)`` batch, without a device sync.
+
+    kornia's ``RandomRotation90`` resamples through a warp and rounds a continuous draw, which
+    gives the 0 and 270 degree views half the odds of the others; this is exact and uniform.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        k = torch.randint(4, (len(images), 1, 1, 1), device=images.device)
+        out = images
+        for turns in (1, 2, 3):
+            out = torch.where(k == turns, torch.rot90(images, turns, dims=(-2, -1)), out)
+        return out
 
 
 def eval_resize(image_size: int, crop_pct: float) -> int:
@@ -32,19 +51,22 @@ def build_transforms(
     mean: Sequence[float],
     std: Sequence[float],
     augment: bool = True,
-    crop_pct: float = 0.875,
+    crop_pct: float = CROP_PCT,
     scale: Sequence[float] = (0.08, 1.0),
     hflip: float = 0.5,
     vflip: float = 0.0,
     rot90: bool = False,
     rotation: float = 0.0,
     color_jitter: Sequence[float] | None = None,
+    on_device: bool = False,
 ) -> v2.Compose:
     """Build the transform that turns a PIL image into a normalised float tensor.
 
     Evaluation resizes the short side to ``image_size / crop_pct`` and takes the centre
     crop. Training (with ``augment``) takes a random resized crop, then flips, rotations
     and colour jitter. Geometric steps run on uint8 tensors, which is cheaper than floats.
+    With ``on_device`` the training transform stops after the crop and returns uint8 pixels:
+    :func:`build_device_transform` does the rest on whole batches.
 
     Args:
         image_size: edge of the square tensor the model sees.
@@ -59,6 +81,8 @@ def build_transforms(
         rot90: rotate by a random multiple of 90 degrees.
         rotation: maximal extra rotation in degrees (0 for none).
         color_jitter: brightness, contrast, saturation, hue; ``None`` for none.
+        on_device: (training only) leave everything after the crop, normalisation included,
+            to the device transform.
 
     Returns:
         The composed transform.
@@ -66,6 +90,10 @@ def build_transforms(
     if not 0 < crop_pct <= 1:
         raise ValueError(f"augmentation.crop_pct={crop_pct} must be in (0, 1]")
     steps: list = [v2.ToImage()]
+    if train and on_device:  # only what needs the whole, variably sized image stays on the CPU
+        crop = (v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True) if augment else
+                v2.Compose([v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]))
+        return v2.Compose([*steps, crop, v2.ToPureTensor()])
     if train and augment:
         steps.append(v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True))
         if hflip > 0:
@@ -82,3 +110,92 @@ def build_transforms(
         steps += [v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
     return v2.Compose(steps)
+
+
+def build_device_transform(
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool = True,
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    rot90: bool = False,
+    rotation: float = 0.0,
+    color_jitter: Sequence[float] | None = None,
+) -> nn.Sequential:
+    """The rest of the training recipe after :func:`build_transforms` with ``on_device=True``.
+
+    Runs on a uint8 ``(B, C, H, W)`` batch already on the training device and draws the flips,
+    rotations and colour jitter independently for each image (kornia), so the GPU does the work
+    that otherwise needs several CPU cores per accelerator. Same recipe and parameter ranges as
+    the CPU path (nearest-neighbour rotation about the centre with zero fill, torchvision's jitter
+    formulas), in float instead of uint8 arithmetic: statistically equivalent, not bit-identical.
+
+    Args:
+        mean, std: per-channel normalisation (in [0, 1] units).
+        augment: with ``False`` only scale and normalise.
+        hflip, vflip, rot90, rotation, color_jitter: as in :func:`build_transforms`.
+
+    Returns:
+        A module mapping uint8 batches to normalised float32 batches.
+    """
+    steps: list[nn.Module] = [v2.ToDtype(torch.float32, scale=True)]
+    if augment:
+        import kornia.augmentation as K  # noqa: N812 - kornia's own convention; imported only when used
+
+        if hflip > 0:
+            steps.append(K.RandomHorizontalFlip(p=hflip))
+        if vflip > 0:
+            steps.append(K.RandomVerticalFlip(p=vflip))
+        if rot90:
+            steps.append(BatchRandomRot90())
+        if rotation > 0:
+            steps.append(K.RandomRotation(rotation, resample="nearest", align_corners=False, p=1.0))
+        if color_jitter is not None:
+            steps.append(K.ColorJitter(*color_jitter, p=1.0))
+    steps.append(v2.Normalize(list(mean), list(std)))
+    return nn.Sequential(*steps)
+
+
+@dataclass
+class Pipeline:
+    """Everything a training run's images go through, resolved from the augmentation config.
+
+    Attributes:
+        train: per-image training transform (run by the loader's workers).
+        eval: per-image evaluation transform.
+        device: batched rest of the training transform on the device, or ``None``.
+        mean, std, crop_pct: the preprocessing a checkpoint must record for inference.
+    """
+
+    train: v2.Compose
+    eval: v2.Compose
+    device: nn.Sequential | None
+    mean: list[float]
+    std: list[float]
+    crop_pct: float
+
+
+def build_pipeline(image_size: int, model_mean: Sequence[float], model_std: Sequence[float], *, name: str = "",
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   crop_pct: float = CROP_PCT, on_device: bool = False, **recipe) -> Pipeline:
+    """The training, evaluation and device transforms of one augmentation config group.
+
+    Args:
+        image_size: edge of the square tensor the model sees.
+        model_mean, model_std: normalisation the model's weights expect, used where the config
+            leaves ``mean``/``std`` null.
+        name: the recipe's name (only descriptive).
+        mean, std: normalisation that overrides the model's.
+        crop_pct: share of the resized image kept by the evaluation centre crop.
+        on_device: run the batched part of the training transform on the device.
+        **recipe: the remaining keyword arguments of :func:`build_transforms`.
+    """
+    mean, std = list(mean or model_mean), list(std or model_std)
+    device = None
+    if on_device:
+        keys = ("augment", "hflip", "vflip", "rot90", "rotation", "color_jitter")
+        device = build_device_transform(mean=mean, std=std, **{k: recipe[k] for k in keys if k in recipe})
+    common = {"mean": mean, "std": std, "crop_pct": crop_pct} | recipe
+    return Pipeline(build_transforms(image_size, train=True, on_device=on_device, **common),
+                    build_transforms(image_size, train=False, **common), device, mean, std, crop_pct)
