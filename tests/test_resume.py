@@ -91,14 +91,18 @@ def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_data: Path, tm
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     run = tmp_path / "ddp"
     result = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "melanoma.train", f"data.root={tiny_data}",
-                             *TINY, "trainer.epochs=1", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True,
+                             *TINY, "trainer.epochs=1", f"hydra.run.dir={run}", "data.cache=disk",
+                             f"data.cache_dir={tmp_path / 'decoded'}"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 1 of 2" in (run / "train.rank1.log").read_text()  # both ranks trained
+    rank1_log = (run / "train.rank1.log").read_text()
+    assert "rank 1 of 2" in rank1_log  # both ranks trained
+    assert "decoded 150 images once" in (run / "train.log").read_text()  # rank 0 decodes ...
+    assert "decoded-image cache hit" in rank1_log and "decoded 150" not in rank1_log  # ... rank 1 maps its file
     assert result.stdout.count("3-fold cross-validation") == 1  # only rank 0 reports
     oof = pd.read_csv(run / "oof_predictions.csv")
     folds = pd.read_csv(run / "folds.csv")
     assert len(oof) == 150 and sorted(oof["path"]) == sorted(folds["path"])  # every image exactly once
     assert oof.merge(folds, on=["path", "label", "fold"]).shape[0] == 150
     assert json.loads((run / "metrics.json").read_text())["n_images"] == 150
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # no stray run directories
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "decoded"]  # no stray run directories

@@ -138,8 +138,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     workers = resolve_num_workers(cfg.data.num_workers)
     preprocess = {"image_size": size, "mean": pipeline.mean, "std": pipeline.std, "crop_pct": pipeline.crop_pct}
     # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
+    # Under torchrun rank 0 writes the disk cache while the others wait, then they map its file.
+    rank0_first = runtime.distributed and cfg.data.cache == "disk"
+    if rank0_first and not main:
+        torch.distributed.barrier()
     decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or eval_resize(size, pipeline.crop_pct),
                           cfg.data.cache, cfg.data.cache_dir)
+    if rank0_first and main:
+        torch.distributed.barrier()
+    if runtime.distributed and cfg.data.cache == "memory" and main:
+        log.info("data.cache=memory: each of the %d ranks decodes the images itself; data.cache=disk decodes "
+                 "them once for all", runtime.world_size)
     batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
     per_fold, oof = [], []
     for k in range(cfg.cv.folds):
