@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of docs/benchmarks.md, in one go (target: under 8 minutes on one H100):
+#   0. tests/test_gpu.py: the CUDA paths (precision auto, AMP + channels-last + fused Adam,
+#      torch.compile, augmentation on the device, a GPU-trained run evaluated on the CPU);
+#      a failure is reported in summary.txt and the timing steps still run;
 #   1. generate the benchmark set: 10,605 synthetic 300x300 JPEGs in the seed's layout
 #      (9,605 train, 1,000 test);
 #   2. melanoma-bench: model step vs full training loop vs evaluation vs timm's loader
@@ -28,7 +31,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
     hydra-core==1.3.2 omegaconf==2.3.0 captum==0.9.0 \
     hydra-joblib-launcher==1.2.0 hydra-submitit-launcher==1.2.0 submitit cloudpickle \
-    kornia==0.9.0 kornia_rs==0.2.0
+    kornia==0.9.0 kornia_rs==0.2.0 pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 packaging pygments
   # omegaconf's parser runtime is published as source only; it is pure Python, so build its wheel here
   "$py" -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -40,8 +43,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 [ -x .venv/bin/python ] && py=${PYTHON:-.venv/bin/python}
-if ! "$py" -c "import hydra, captum, omegaconf, kornia" 2>/dev/null; then
-  [ -d .whl ] || { echo "gpu_check: Hydra/Captum/kornia missing and no .whl/ folder: run scripts/gpu_check.sh --fetch-wheels first" >&2; exit 1; }
+if ! "$py" -c "import hydra, captum, omegaconf, kornia, pytest" 2>/dev/null; then
+  [ -d .whl ] || { echo "gpu_check: Hydra/Captum/kornia/pytest missing and no .whl/ folder: run scripts/gpu_check.sh --fetch-wheels first" >&2; exit 1; }
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/melanoma-site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/melanoma-site"
 fi
@@ -62,6 +65,11 @@ export MELANOMA_CACHE=${MELANOMA_CACHE:-$work/cache}
 # shellcheck disable=SC2086  # EXTRA is a list of Hydra overrides
 common=(data=kaggle "data.root=$data" "model.name=$model" model.pretrained=false "data.image_size=$image"
         "data.batch_size=$batch" ${EXTRA:-})
+
+tests_start=$(date +%s)
+if "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/gpu_tests.log" 2>&1; then verdict=passed
+else verdict="FAILED (see gpu_tests.log)"; fi
+echo "GPU tests: $verdict: $(tail -n 1 "$out/gpu_tests.log") in $(($(date +%s) - tests_start)) s" | tee -a "$out/summary.txt"
 
 t0=$(date +%s)
 "$py" -m melanoma.synthetic "$data" --n-train "$n_train" --n-test "$n_test" --size "$size"
