@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from melanoma.errors import ConfigError
 from melanoma.transforms import BatchRandomRot90, Pipeline, RandomRot90, build_pipeline, build_transforms
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -88,6 +91,50 @@ def test_device_augmentation_matches_the_cpu_recipe_in_distribution(recipe: dict
     assert_same_distribution(a, b)
 
 
+def _structured() -> Image.Image:
+    """A square, asymmetric, colourful image: warm left, cool right, brighter top, a yellow corner."""
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((48, 48, 3), np.float32)
+    pixels[:, :24], pixels[:, 24:] = (200, 60, 40), (40, 150, 210)
+    pixels[:16] *= 1.2
+    pixels += rng.normal(0, 12, pixels.shape)
+    pixels[36:, 36:] = (250, 240, 60)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def _moments(x: torch.Tensor) -> list[torch.Tensor]:
+    """Per-channel mean and spread, the mean image on a 4x4 grid, the share of black pixels, and how
+    much each image's per-channel mean and spread vary between draws (brightness, contrast, colour)."""
+    cells = torch.nn.functional.avg_pool2d(x.mean(0, keepdim=True), 8)[0]
+    return [x.mean((0, 2, 3)), x.std((0, 2, 3)), cells, (x == 0).all(1).float().mean(),
+            x.mean((2, 3)).std(0), x.std((2, 3)).std(0)]
+
+
+def _same_moments(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (ma, sa, ca, za, va, wa), (mb, sb, cb, zb, vb, wb) = _moments(a), _moments(b)
+    return bool(torch.allclose(ma, mb, atol=0.01) and torch.allclose(sa, sb, rtol=0.03)
+                and torch.allclose(ca, cb, atol=0.1) and abs(za - zb) <= 0.01
+                and torch.allclose(va, vb, rtol=0.1, atol=2e-3) and torch.allclose(wa, wb, rtol=0.1, atol=2e-3))
+
+
+# One step at a time, with ranges wide enough to measure; scale (1, 1) on a square image makes the
+# random resized crop a plain resize, so the step is all that is random.
+ONE_STEP = {"hflip": {"hflip": 0.5}, "vflip": {"vflip": 0.5}, "rot90": {"rot90": True},
+            "rotation": {"rotation": 30.0}, "brightness": {"color_jitter": (0.4, 0.0, 0.0, 0.0)},
+            "contrast": {"color_jitter": (0.0, 0.4, 0.0, 0.0)}, "saturation": {"color_jitter": (0.0, 0.0, 0.6, 0.0)},
+            "hue": {"color_jitter": (0.0, 0.0, 0.0, 0.2)}}
+
+
+@pytest.mark.parametrize("step", ONE_STEP)
+def test_each_device_step_draws_like_its_cpu_twin(step: str) -> None:
+    recipe = {"scale": (1.0, 1.0), "hflip": 0.0} | ONE_STEP[step]
+    cpu, device, neither = (build_pipeline(32, (0, 0, 0), (1, 1, 1), on_device=d, **r)
+                            for d, r in ((False, recipe), (True, recipe), (False, {"scale": (1.0, 1.0), "hflip": 0.0})))
+    a = _augmented(cpu, _structured(), 1024, seed=0)
+    assert not _same_moments(a, _augmented(neither, _structured(), 64, seed=0))  # the step is visible here ...
+    assert _same_moments(a, _augmented(device, _structured(), 1024, seed=1))  # ... and the device does the same
+
+
 def test_device_augmentation_draws_each_image_of_a_batch_independently() -> None:
     device = build_pipeline(32, MEAN, STD, on_device=True, **SEED_RECIPE).device
     torch.manual_seed(0)
@@ -115,3 +162,10 @@ def test_pipeline_takes_the_models_normalisation_unless_the_config_sets_one() ->
     assert build_pipeline(32, MEAN, STD, name="seed", mean=None, std=None).mean == list(MEAN)
     own = build_pipeline(32, MEAN, STD, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
     assert (own.mean, own.std, own.crop_pct, own.device) == ([0.5] * 3, [0.5] * 3, 1.0, None)
+
+
+def test_device_augmentation_without_kornia_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "kornia.augmentation", None)  # what a missing package looks like
+    with pytest.raises(ConfigError, match=r"augmentation.on_device=true needs kornia .*pip install kornia"):
+        build_pipeline(32, MEAN, STD, on_device=True)
+    assert build_pipeline(32, MEAN, STD, on_device=True, augment=False).device is not None  # no kornia needed

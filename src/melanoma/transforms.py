@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from melanoma.errors import ConfigError
+
 CROP_PCT = 0.875  # timm's and torchvision's default share of the resized image kept by the centre crop
 
 
@@ -126,10 +128,16 @@ def build_device_transform(
     """The rest of the training recipe after :func:`build_transforms` with ``on_device=True``.
 
     Runs on a uint8 ``(B, C, H, W)`` batch already on the training device and draws the flips,
-    rotations and colour jitter independently for each image (kornia), so the GPU does the work
-    that otherwise needs several CPU cores per accelerator. Same recipe and parameter ranges as
-    the CPU path (nearest-neighbour rotation about the centre with zero fill, torchvision's jitter
-    formulas), in float instead of uint8 arithmetic: statistically equivalent, not bit-identical.
+    rotations and colour-jitter factors independently for each image (kornia), so the GPU does the
+    work that otherwise needs several CPU cores per accelerator. Same recipe and parameter ranges
+    as the CPU path (nearest-neighbour rotation about the centre with zero fill, torchvision's
+    jitter formulas), in float instead of uint8 arithmetic: statistically equivalent, not
+    bit-identical. One difference: kornia draws the order of the four jitter steps once per batch
+    (torchvision per image); each image's distribution is the same.
+
+    The module holds no tensors and is not moved to the device: kornia then draws its parameters
+    from torch's CPU generator (saved in checkpoints, no device sync to read them) and copies them
+    over; only the 90-degree turns are drawn on the device.
 
     Args:
         mean, std: per-channel normalisation (in [0, 1] units).
@@ -141,7 +149,11 @@ def build_device_transform(
     """
     steps: list[nn.Module] = [v2.ToDtype(torch.float32, scale=True)]
     if augment:
-        import kornia.augmentation as K  # noqa: N812 - kornia's own convention; imported only when used
+        try:  # imported only when used: a second or two at start-up
+            import kornia.augmentation as K  # noqa: N812 - kornia's own convention
+        except ImportError as exc:
+            raise ConfigError(f"augmentation.on_device=true needs kornia ({exc}); pip install kornia, or set "
+                              "augmentation.on_device=false") from None
 
         if hflip > 0:
             steps.append(K.RandomHorizontalFlip(p=hflip))
