@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -115,6 +117,28 @@ def broadcast(obj: T, runtime: Runtime) -> T:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def rank0_first(runtime: Runtime, enabled: bool = True) -> Iterator[None]:
+    """Run the block on rank 0 first and on the other ranks after it (which then read what it wrote).
+
+    A no-op in a single process or with ``enabled=False``. The others wait on a gloo group with a
+    long timeout: decoding a large image set can outlast NCCL's 10-minute watchdog. Should rank 0
+    fail inside the block, torchrun stops the waiting ranks.
+    """
+    if not (enabled and runtime.distributed):
+        yield
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+    try:
+        if not runtime.is_main:
+            torch.distributed.barrier(group=group)
+        yield
+        if runtime.is_main:
+            torch.distributed.barrier(group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
 
 
 def gather_shards(shard: np.ndarray, runtime: Runtime) -> np.ndarray:

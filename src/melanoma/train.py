@@ -45,7 +45,7 @@ from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summari
 from melanoma.models import create_model, model_normalization
 from melanoma.optim import create_optimizer, create_scheduler
 from melanoma.plots import plot_run
-from melanoma.runtime import broadcast, resolve_runtime, seed_everything
+from melanoma.runtime import broadcast, rank0_first, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
 from melanoma.transforms import build_pipeline, eval_resize
 
@@ -139,13 +139,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     preprocess = {"image_size": size, "mean": pipeline.mean, "std": pipeline.std, "crop_pct": pipeline.crop_pct}
     # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
     # Under torchrun rank 0 writes the disk cache while the others wait, then they map its file.
-    rank0_first = runtime.distributed and cfg.data.cache == "disk"
-    if rank0_first and not main:
-        torch.distributed.barrier()
-    decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or eval_resize(size, pipeline.crop_pct),
-                          cfg.data.cache, cfg.data.cache_dir)
-    if rank0_first and main:
-        torch.distributed.barrier()
+    with rank0_first(runtime, enabled=cfg.data.cache == "disk"):
+        decoded = build_cache(train_set["path"].tolist(), cfg.data.cache_edge or eval_resize(size, pipeline.crop_pct),
+                              cfg.data.cache, cfg.data.cache_dir)
     if runtime.distributed and cfg.data.cache == "memory" and main:
         log.info("data.cache=memory: each of the %d ranks decodes the images itself; data.cache=disk decodes "
                  "them once for all", runtime.world_size)
