@@ -74,7 +74,8 @@ def test_resume_with_another_config_is_refused(tiny_data: Path, tmp_path: Path) 
     result = subprocess.run([*_args(tiny_data, None, "trainer.epochs=1", "optimizer.lr=0.5"), f"resume={run}"],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
-    assert "was written by a run with another config" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "was written by a run with another config (optimizer.lr=0.001 (now: 0.5))" in last
 
 
 def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Path, tmp_path: Path) -> None:

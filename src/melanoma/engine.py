@@ -169,6 +169,22 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "resume"}
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"a.b": value}`` for every leaf of a nested config."""
+    out = {}
+    for key, value in config.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def _config_changes(saved: dict, now: dict, limit: int = 3) -> str:
+    """The first keys whose values differ, as ``key=saved (now: value)``; ``missing`` for absent keys."""
+    before, after = _flat(saved), _flat(now)
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, "missing") != after.get(k, "missing"))
+    shown = [f"{k}={before.get(k, 'missing')} (now: {after.get(k, 'missing')})" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                 train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple,
                 precision: str) -> None:
@@ -188,9 +204,10 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
              train_loader: DataLoader, config: dict, precision: str) -> tuple[list[dict], tuple, int]:
     """Load ``last.pt`` into the training objects; returns history rows, best, next epoch."""
     state = load_checkpoint(path)
-    if _comparable(state.get("config", {})) != _comparable(config):
-        raise ConfigError(f"{path} was written by a run with another config; resume with the same overrides, "
-                          "or train into a new run directory")
+    saved_config, now = _comparable(state.get("config", {})), _comparable(config)
+    if saved_config != now:
+        raise ConfigError(f"{path} was written by a run with another config ({_config_changes(saved_config, now)}); "
+                          "resume with the same overrides, or train into a new run directory")
     saved = state.get("precision", precision)  # precision=auto resolves per machine: the scaler state must fit
     if saved != precision:
         raise ConfigError(f"{path} was trained in {saved} and this machine resolves trainer.precision to "
