@@ -21,7 +21,15 @@ from melanoma.train import train
 from melanoma.transforms import build_pipeline
 
 from conftest import TINY, make_config
-from test_transforms import SEED_RECIPE, _augmented, _image, assert_same_distribution
+from test_transforms import (
+    ONE_STEP,
+    SEED_RECIPE,
+    _augmented,
+    _image,
+    _same_moments,
+    _structured,
+    assert_same_distribution,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
@@ -35,7 +43,6 @@ def test_auto_resolves_the_gpus_fast_path() -> None:
 
 
 def _learnable_batches(n: int = 128, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    torch.manual_seed(0)
     x = torch.randn(n, 3, 32, 32)
     y = (x[:, 0].mean((1, 2)) > 0).float()  # the red channel's brightness decides the label
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
@@ -50,6 +57,7 @@ def _fit_a_little(model: torch.nn.Module, rt: Runtime, epochs: int) -> list[floa
 
 def test_amp_channels_last_and_fused_adam_learn() -> None:
     rt = resolve_runtime()
+    torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=1).to(rt.device, memory_format=rt.memory_format)
     losses = _fit_a_little(model, rt, 12)
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
@@ -60,6 +68,7 @@ def test_compiled_model_learns_and_checkpoints_plainly() -> None:
     from melanoma.engine import _unwrap
 
     rt = resolve_runtime()
+    torch.manual_seed(0)
     plain = timm.create_model("test_efficientnet", num_classes=1).to(rt.device, memory_format=rt.memory_format)
     losses = _fit_a_little(torch.compile(plain), rt, 6)
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
@@ -72,6 +81,14 @@ def test_device_augmentation_on_the_gpu_matches_the_cpu_recipe() -> None:
     b = _augmented(device, _image(), 1024, seed=1, device="cuda")
     assert b.device.type == "cuda" and b.dtype == torch.float32 and b.shape == a.shape
     assert_same_distribution(a, b.cpu())
+
+
+@pytest.mark.parametrize("step", ONE_STEP)
+def test_each_step_on_the_gpu_draws_like_its_cpu_twin(step: str) -> None:
+    recipe = {"scale": (1.0, 1.0), "hflip": 0.0} | ONE_STEP[step]
+    cpu, device = (build_pipeline(32, (0, 0, 0), (1, 1, 1), on_device=d, **recipe) for d in (False, True))
+    b = _augmented(device, _structured(), 1024, seed=1, device="cuda")
+    assert b.device.type == "cuda" and _same_moments(_augmented(cpu, _structured(), 1024, seed=0), b.cpu())
 
 
 def test_a_gpu_trained_run_evaluates_on_the_cpu(tiny_data: Path, tmp_path: Path) -> None:
