@@ -31,7 +31,8 @@ def test_smoke_benchmark_writes_valid_json(tmp_path: Path) -> None:
     assert (report["model"], report["image_size"], report["batch_size"], report["cache"]) == \
         ("test_efficientnet", 32, 8, "memory")
     assert report["augmentation_on_device"] is False
-    assert report["n_images"] == (1 + 2) * 8 and report["machine"]["torch"] and report["machine"]["usable_cores"] >= 1
+    assert report["loop_warmup_steps"] == 2 * report["num_workers"] == 2  # the first round of worker batches
+    assert report["n_images"] == (2 + 2) * 8 and report["machine"]["torch"] and report["machine"]["usable_cores"] >= 1
     assert "train loop / model step" in done.stdout
 
 
@@ -41,6 +42,6 @@ def test_too_few_images_names_the_keys(tmp_path: Path) -> None:
         run_benchmark(cfg, tmp_path / "out")
     cfg = make_config(["experiment=bench_smoke", f"data.root={tmp_path / 'jpegs'}", "data.eval_batch_size=64"],
                       "bench")
-    with pytest.raises(ConfigError, match=r"data.eval_batch_size=64 is more than the 24 images"):
+    with pytest.raises(ConfigError, match=r"data.eval_batch_size=64 is more than the 32 images"):
         run_benchmark(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "benchmark.json").exists()
