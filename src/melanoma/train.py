@@ -136,6 +136,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
     workers = resolve_num_workers(cfg.data.num_workers)
+    log.info("augmentation '%s': %s, %d loader workers", cfg.augmentation.name,
+             "crops in the workers, the rest batched on the device" if pipeline.device is not None
+             else "all in the workers", workers)
     preprocess = {"image_size": size, "mean": pipeline.mean, "std": pipeline.std, "crop_pct": pipeline.crop_pct}
     # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
     # Under torchrun rank 0 writes the disk cache while the others wait, then they map its file.
