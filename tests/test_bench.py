@@ -45,3 +45,11 @@ def test_too_few_images_names_the_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.eval_batch_size=64 is more than the 32 images"):
         run_benchmark(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "benchmark.json").exists()
+
+
+def test_loop_warmup_covers_two_rounds_of_workers_as_far_as_the_images_allow(tmp_path: Path) -> None:
+    # 40 images in batches of 8: 5 batches, 2 of them timed; two rounds of 2 workers would need 4
+    cfg = make_config(["experiment=bench_smoke", f"data.root={tmp_path / 'jpegs'}", "data.num_workers=2",
+                       "bench.timm_loader=false"], "bench")
+    report = run_benchmark(cfg, tmp_path / "out")
+    assert (report["num_workers"], report["loop_warmup_steps"], report["n_images"]) == (2, 3, 40)

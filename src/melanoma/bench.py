@@ -92,14 +92,18 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     classes = tuple(d.classes)
     train_set = split_records(load_records(d.layout, d.root, classes, d.manifest), "train", classes)
     workers = resolve_num_workers(d.num_workers)
-    # The workers start together, so their first batches arrive in one burst that even a loader-bound
-    # loop eats at the model's speed: two rounds of worker batches go by before the timer starts.
-    loop_warmup = max(b.warmup, 2 * workers)
-    need = (loop_warmup + b.steps) * d.batch_size
+    need = (b.warmup + b.steps) * d.batch_size
     if len(train_set) < need:
-        raise ConfigError(f"bench needs (max(bench.warmup, 2 x {workers} loader workers) + bench.steps) x "
-                          f"data.batch_size = {need} training images; {d.root} has {len(train_set)}: lower "
-                          "bench.steps or data.num_workers, or use a larger set")
+        raise ConfigError(f"bench needs (bench.warmup + bench.steps) x data.batch_size = {need} training images; "
+                          f"{d.root} has {len(train_set)}: lower bench.steps or use a larger set")
+    # The workers start together, so their first batches arrive in one burst that even a loader-bound
+    # loop eats at the model's speed: two rounds of worker batches go by before the timer starts,
+    # as far as the images allow.
+    loop_warmup = min(max(b.warmup, 2 * workers), len(train_set) // d.batch_size - b.steps)
+    if loop_warmup < 2 * workers:
+        log.warning("the loops warm up for %d batches, fewer than two rounds of %d workers: the timed loop may "
+                    "include their first burst; use a larger set or fewer data.num_workers", loop_warmup, workers)
+    need = (loop_warmup + b.steps) * d.batch_size
     eval_batch = d.eval_batch_size or 2 * d.batch_size
     if eval_batch > need:
         raise ConfigError(f"data.eval_batch_size={eval_batch} is more than the {need} images the benchmark uses; "
