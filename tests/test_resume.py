@@ -75,7 +75,7 @@ def test_resume_with_another_config_is_refused(tiny_data: Path, tmp_path: Path) 
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert "was written by a run with another config (optimizer.lr=0.001 (now: 0.5))" in last
+    assert "was written by a run with another config (optimizer.lr: 0.001 -> 0.5)" in last
 
 
 def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Path, tmp_path: Path) -> None:

@@ -177,12 +177,19 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+_ABSENT = object()
+
+
 def _config_changes(saved: dict, now: dict, limit: int = 3) -> str:
-    """The first keys whose values differ, as ``key=saved (now: value)``; ``missing`` for absent keys."""
+    """The first keys whose values differ, as ``key: saved -> now``; ``(absent)`` for missing keys."""
     before, after = _flat(saved), _flat(now)
-    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, "missing") != after.get(k, "missing"))
-    shown = [f"{k}={before.get(k, 'missing')} (now: {after.get(k, 'missing')})" for k in keys[:limit]]
-    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
+
+    def show(value: object) -> str:
+        return "(absent)" if value is _ABSENT else repr(value)
+
+    shown = [f"{k}: {show(before.get(k, _ABSENT))} -> {show(after.get(k, _ABSENT))}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "") or "empty sections"
 
 
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
