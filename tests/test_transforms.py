@@ -112,8 +112,9 @@ def _moments(x: torch.Tensor) -> list[torch.Tensor]:
 
 def _same_moments(a: torch.Tensor, b: torch.Tensor) -> bool:
     (ma, sa, ca, za, va, wa), (mb, sb, cb, zb, vb, wb) = _moments(a), _moments(b)
-    return bool(torch.allclose(ma, mb, atol=0.01) and torch.allclose(sa, sb, rtol=0.03)
-                and torch.allclose(ca, cb, atol=0.1) and abs(za - zb) <= 0.01
+    # tolerances: about 4 standard errors of 1024 draws (a brightness draw moves an image's mean by ~0.1)
+    return bool(torch.allclose(ma, mb, atol=0.02) and torch.allclose(sa, sb, rtol=0.03)
+                and torch.allclose(ca, cb, atol=0.06) and abs(za - zb) <= 0.01
                 and torch.allclose(va, vb, rtol=0.1, atol=2e-3) and torch.allclose(wa, wb, rtol=0.1, atol=2e-3))
 
 
