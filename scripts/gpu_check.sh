@@ -11,7 +11,7 @@
 #   4. tests/test_gpu.py: the CUDA paths (precision auto, AMP + channels-last + fused Adam,
 #      torch.compile, augmentation on the device, a GPU-trained run evaluated on the CPU),
 #      last so that the timings come back even if time runs out (GPU_TESTS=0 skips them).
-# A failing step is noted in summary.txt and the later steps still run.
+# After the data, a failing step is noted in summary.txt and the later steps still run.
 #
 # Usage (from the repository root):
 #   scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else outputs/gpu_check
@@ -68,6 +68,7 @@ common=(data=kaggle "data.root=$data" "model.name=$model" model.pretrained=false
         "data.batch_size=$batch" ${EXTRA:-})
 
 note() { echo "$*" | tee -a "$out/summary.txt"; }
+rm -f "$out"/{summary.txt,benchmark.json,benchmark_device.json,protocol_metrics.json,gpu_tests.log}  # no stale results
 t0=$(date +%s)
 "$py" -m melanoma.synthetic "$data" --n-train "$n_train" --n-test "$n_test" --size "$size"
 t1=$(date +%s)
@@ -80,24 +81,27 @@ bench() {  # bench NAME OVERRIDES...: one melanoma-bench run into $out/NAME.json
        | tee "$out/$name.log"; then
     cp "$work/$name/benchmark.json" "$out/$name.json"
   else
-    note "melanoma-bench $* FAILED (see $name.log)"
+    note "$name: melanoma-bench $* FAILED (see $name.log)"
   fi
 }
 bench benchmark
 bench benchmark_device augmentation.on_device=true bench.timm_loader=false
-"$py" - "$out/benchmark.json" "$out/benchmark_device.json" > "$work/rates.txt" <<'PY'
+"$py" - "$out/benchmark.json" "$out/benchmark_device.json" > "$work/rates.txt" <<'PY' || true
 import json, sys
 from pathlib import Path
 workers, device = ((json.loads(Path(p).read_text())["images_per_second"] if Path(p).is_file() else {})
                    for p in sys.argv[1:])
-print(f"model step {workers.get('model_step', 0):.0f} images/s; training loop with the augmentation in the "
-      f"workers {workers.get('train_loop', 0):.0f}, on the device {device.get('train_loop', 0):.0f}; timm loader "
-      f"{workers.get('timm_loader', 0):.0f}; eval {workers.get('eval_loop', 0):.0f}")
+def rate(d, key):
+    return f"{d[key]:.0f}" if key in d else "n/a"
+print(f"model step {rate(workers, 'model_step')} images/s; training loop with the augmentation in the workers "
+      f"{rate(workers, 'train_loop')}, on the device {rate(device, 'train_loop')}; timm loader "
+      f"{rate(workers, 'timm_loader')}; eval {rate(workers, 'eval_loop')}")
 print(str(device.get("train_loop", 0) > workers.get("train_loop", 0)).lower())
 PY
+[ -s "$work/rates.txt" ] || printf 'benchmark rates unreadable\nfalse\n' > "$work/rates.txt"
 note "$(head -n 1 "$work/rates.txt")"
 on_device=$(tail -n 1 "$work/rates.txt")
-note "the protocol runs with augmentation.on_device=$on_device (the faster training loop in the benchmarks)"
+note "the protocol runs with augmentation.on_device=$on_device (the faster training loop in the benchmarks; false if unknown)"
 t2=$(date +%s)
 
 if "$py" -m melanoma.train "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
@@ -110,9 +114,12 @@ fi
 t3=$(date +%s)
 note "benchmarks: $((t2 - t1)) s; $result; whole check: $((t3 - t0)) s"
 
-# Last, so that the timings above come back even if the command runs out of time here.
+# Last, so that the timings above come back even if time runs out here. Default time limit: what is
+# left of 9.5 minutes since the data step (one device command may run 10), at least one minute.
 if [ "${GPU_TESTS:-1}" != 0 ]; then
-  if timeout "${TESTS_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/gpu_tests.log" 2>&1
+  left=$((570 - ($(date +%s) - t0))); [ "$left" -ge 60 ] || left=60
+  if timeout -k 20 "${TESTS_TIMEOUT:-$left}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+       > "$out/gpu_tests.log" 2>&1
   then verdict=passed; else verdict="FAILED or timed out (see gpu_tests.log)"; fi
   note "GPU tests (tests/test_gpu.py): $verdict: $(tail -n 1 "$out/gpu_tests.log") in $(($(date +%s) - t3)) s"
 fi
