@@ -92,12 +92,13 @@ def build_transforms(
     if not 0 < crop_pct <= 1:
         raise ValueError(f"augmentation.crop_pct={crop_pct} must be in (0, 1]")
     steps: list = [v2.ToImage()]
-    if train and on_device:  # only what needs the whole, variably sized image stays on the CPU
-        crop = (v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True) if augment else
-                v2.Compose([v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]))
-        return v2.Compose([*steps, crop, v2.ToPureTensor()])
     if train and augment:
         steps.append(v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True))
+    else:
+        steps += [v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]
+    if train and on_device:  # only what needs the whole, variably sized image stays on the CPU
+        return v2.Compose([*steps, v2.ToPureTensor()])
+    if train and augment:
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))
         if vflip > 0:
@@ -108,8 +109,6 @@ def build_transforms(
             steps.append(v2.RandomRotation(rotation))
         if color_jitter is not None:
             steps.append(v2.ColorJitter(*color_jitter))
-    else:
-        steps += [v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
     return v2.Compose(steps)
 
