@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from melanoma.checkpoint import FORMAT_VERSION, atomic_path, load_checkpoint, save_checkpoint, write_csv
 from melanoma.errors import ConfigError, NonFiniteLossError
 from melanoma.metrics import binary_metrics
+from melanoma.optim import per_batch
 from melanoma.runtime import Runtime, all_sum, gather_shards, get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,8 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, runtime: Runtime, scaler: torch.amp.GradScaler,
                     desc: str = "train", skip_nonfinite: bool = False, where: str = "",
-                    device_transform: nn.Module | None = None) -> float:
+                    device_transform: nn.Module | None = None, clip_grad_norm: float | None = None,
+                    on_update: Callable[[], None] | None = None) -> float:
     """Run one pass over ``loader`` with gradient updates.
 
     Args:
@@ -66,6 +70,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         where: context for the error message, e.g. ``"fold 1, epoch 3"``.
         device_transform: applied to each batch once on the device (the batched part of the
             augmentation, see ``transforms.build_device_transform``).
+        clip_grad_norm: clip the gradients' global L2 norm to this value; ``None`` for no clipping.
+        on_update: called after every optimizer update (a per-batch schedule, the weight EMA).
 
     Returns:
         The mean training loss over images.
@@ -87,14 +93,17 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if skip_nonfinite:
+        if skip_nonfinite or clip_grad_norm is not None:
             scaler.unscale_(optimizer)
-            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))):
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm or float("inf"))
+            if skip_nonfinite and not torch.isfinite(norm):
                 scaler.update()  # resets the scaler's per-step state; the update itself is skipped
                 skipped += 1
                 continue
         scaler.step(optimizer)
         scaler.update()
+        if on_update is not None:
+            on_update()
         total += loss.detach() * len(labels)  # stays on the device: no sync per step
         count += len(labels)
     if int(first_bad) >= 0:
@@ -194,12 +203,13 @@ def _config_changes(saved: dict, now: dict, limit: int = 3) -> str:
 
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                 train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple,
-                precision: str) -> None:
+                precision: str, ema: ModelEmaV3 | None, updates: int) -> None:
     """Write ``last.pt``: the state after ``epoch``, atomically, loadable with ``weights_only``."""
     score, best_epoch, metrics, probs = best
     with atomic_path(path) as tmp:
         torch.save({
             "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None, "updates": updates,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "history": rows,
             "best": {"score": score, "epoch": best_epoch, "metrics": metrics, "probs": torch.from_numpy(probs)},
@@ -208,8 +218,9 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-             train_loader: DataLoader, config: dict, precision: str) -> tuple[list[dict], tuple, int]:
-    """Load ``last.pt`` into the training objects; returns history rows, best, next epoch."""
+             train_loader: DataLoader, config: dict, precision: str,
+             ema: ModelEmaV3 | None) -> tuple[list[dict], tuple, int, int]:
+    """Load ``last.pt`` into the training objects; returns history rows, best, next epoch, updates so far."""
     state = load_checkpoint(path)
     saved_config, now = _comparable(state.get("config", {})), _comparable(config)
     if saved_config != now:
@@ -224,17 +235,21 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(state["ema"])
     set_rng_state(state["rng"])
     train_loader.generator.set_state(state["loader_rng"])
     b = state["best"]
-    return list(state["history"]), (b["score"], b["epoch"], b["metrics"], b["probs"].numpy()), state["epoch"] + 1
+    best = (b["score"], b["epoch"], b["metrics"], b["probs"].numpy())
+    return list(state["history"]), best, state["epoch"] + 1, int(state["updates"])
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,
         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
         monitor: Monitor = "auc", fold: int = 0, checkpoint_extra: dict | None = None,
-        skip_nonfinite: bool = False, device_transform: nn.Module | None = None) -> FoldResult:
+        skip_nonfinite: bool = False, device_transform: nn.Module | None = None,
+        clip_grad_norm: float | None = None, ema_decay: float | None = None) -> FoldResult:
     """Train one fold, keep the best epoch's weights and predictions.
 
     Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
@@ -250,7 +265,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         val_labels: labels of all validation images; under torchrun ``val_loader`` holds this
             rank's share ``[rank::world_size]`` and the predictions are gathered.
         optimizer: the optimizer over the model's parameters.
-        scheduler: stepped once per epoch, or ``None``.
+        scheduler: stepped once per epoch, or after every batch for a timm scheduler
+            (``optim.per_batch``), or ``None``.
         loss_fn: the loss on logits.
         runtime: device and precision.
         epochs: number of epochs.
@@ -261,6 +277,10 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         checkpoint_extra: further plain values stored in ``best.pt`` (e.g. the preprocessing).
         skip_nonfinite: skip batches with a NaN/infinite loss instead of stopping the fold.
         device_transform: the batched part of the training augmentation, run on the device.
+        clip_grad_norm: clip the gradients' global norm to this value; ``None`` for no clipping.
+        ema_decay: keep an exponential moving average of the weights (timm ``ModelEmaV3``, its
+            decay warmed up from 0 towards this value); validation, ``best.pt`` and the returned
+            predictions then use the averaged weights. ``None`` for no EMA.
 
     Returns:
         The fold's result.
@@ -269,27 +289,42 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         raise ConfigError(f"trainer.monitor={monitor!r} is not one of auc, loss, accuracy, f1, balanced_accuracy")
     scaler = runtime.grad_scaler()
     loss_fn = loss_fn.to(runtime.device)
-    rows, best, first = [], None, 1
+    if ema_decay is not None and not 0 < ema_decay < 1:
+        raise ConfigError(f"trainer.ema_decay={ema_decay} must be in (0, 1), or null for no EMA")
+    ema = ModelEmaV3(_unwrap(model), decay=ema_decay, use_warmup=True) if ema_decay is not None else None
+    rows, best, first, updates = [], None, 1, 0
     if (fold_dir / "last.pt").is_file():
-        rows, best, first = _restore(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler,
-                                     train_loader, config, runtime.precision)
+        rows, best, first, updates = _restore(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler,
+                                              train_loader, config, runtime.precision, ema)
         log.info("fold %d: resuming after epoch %d of %d", fold, first - 1, epochs)
+    step_per_batch = per_batch(scheduler)
+
+    def on_update() -> None:
+        nonlocal updates
+        updates += 1
+        if step_per_batch:
+            scheduler.step_update(updates)
+        if ema is not None:
+            ema.update(_unwrap(model), step=updates)
+
     for epoch in tqdm(range(first, epochs + 1), desc=f"fold {fold}", disable=None, dynamic_ncols=True):
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = max(group["lr"] for group in optimizer.param_groups)  # the head's, under layer decay
         if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
             train_loader.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, runtime, scaler,
                                      skip_nonfinite=skip_nonfinite, where=f"fold {fold}, epoch {epoch}",
-                                     device_transform=device_transform)
-        val_loss, probs = evaluate(model, val_loader, loss_fn, runtime)
+                                     device_transform=device_transform, clip_grad_norm=clip_grad_norm,
+                                     on_update=on_update)
+        scored = ema.module if ema is not None else model
+        val_loss, probs = evaluate(scored, val_loader, loss_fn, runtime)
         loss_sum, n_val = all_sum([val_loss * len(probs), float(len(probs))], runtime)
         val_loss, probs = loss_sum / max(n_val, 1), gather_shards(probs, runtime)
         if not np.isfinite(probs).all():  # the last updates of the epoch diverged
             raise NonFiniteLossError(
                 f"fold {fold}, epoch {epoch}: the model's validation outputs are not finite; lower optimizer.lr "
                 f"(now {lr:g}) or use trainer.precision=fp32")
-        if scheduler is not None:
+        if scheduler is not None and not step_per_batch:
             scheduler.step()
         metrics = binary_metrics(val_labels, probs)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": metrics["auc"],
@@ -302,9 +337,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         if runtime.is_main:  # under torchrun only rank 0 writes
             write_csv(pd.DataFrame(rows, columns=HISTORY_COLUMNS), fold_dir / "history.csv")
             if improved:
-                save_checkpoint(fold_dir / "best.pt", _unwrap(model), config, epoch, best[2], fold=fold,
-                                **(checkpoint_extra or {}))
+                save_checkpoint(fold_dir / "best.pt", _unwrap(scored), config, epoch, best[2], fold=fold,
+                                ema=ema is not None, **(checkpoint_extra or {}))
             _save_state(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler, train_loader, config,
-                        epoch, rows, best, runtime.precision)
+                        epoch, rows, best, runtime.precision, ema, updates)
     _, best_epoch, best_metrics, best_probs = best
     return FoldResult(best_epoch, best_metrics, best_probs, pd.DataFrame(rows, columns=HISTORY_COLUMNS))
