@@ -17,12 +17,14 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import melanoma.configs  # noqa: F401  (registers the config resolvers)
 from melanoma.audit import audit_records, leaked_test_paths
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with_ci
 from melanoma.data import load_records, scan_images
 from melanoma.errors import ConfigError, DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
+from melanoma.metrics import degenerate_operating_point
 from melanoma.plots import plot_evaluation
 from melanoma.runtime import resolve_runtime
 from melanoma.synthetic import generate_dataset
@@ -99,6 +101,19 @@ def _side_by_side(full: dict, dedup: dict) -> str:
                          "deduplicated": [_cell(dedup["metrics"][k]) for k in keys]}, index=keys).to_string()
 
 
+def held_promises(results: dict, ensemble_oof: dict) -> dict:
+    """What each OOF-chosen operating point promised, beside what it reached on the scored images.
+
+    Returns:
+        ``{name: {"oof": {"sensitivity", "specificity"}, "test": {"sensitivity", "specificity"}}}``,
+        the test values with their bootstrap CIs, for every point that training measured.
+    """
+    keys = ("sensitivity", "specificity")
+    return {name: {"oof": {k: ensemble_oof[name].get(k) for k in keys},
+                   "test": {k: results[name]["metrics"][k] for k in keys}}
+            for name in results if name in ensemble_oof}
+
+
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     """Evaluate ``cfg.ckpt`` and write predictions, metrics and figures into ``out_dir``.
 
@@ -110,6 +125,10 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
     data = ensemble.config["data"] | overrides
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
+    if chosen_name in ensemble.oof_at_thresholds:
+        warning = degenerate_operating_point(chosen_name, chosen, ensemble.oof_at_thresholds[chosen_name])
+        if warning:
+            log.warning("%s", warning)
     eval_set, bad = load_eval_set(data, cfg.eval.split)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
@@ -155,6 +174,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         "operating_point": chosen_name,
         "threshold": chosen,
         "thresholds": results,
+        "promises": held_promises(results, ensemble.oof_at_thresholds),
         "unavailable": unavailable,
         "dedup": dedup,
     }
@@ -166,6 +186,12 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     print(_format_table(results))
     for key, reason in unavailable.items():
         print(f"{key}: unavailable ({reason})")
+    for name, promise in metrics["promises"].items():
+        if name == "0.5":
+            continue
+        print(f"{name} threshold (chosen on out-of-fold predictions, sensitivity {promise['oof']['sensitivity']:.3f} "
+              f"there): sensitivity {_cell(promise['test']['sensitivity'])}, specificity "
+              f"{_cell(promise['test']['specificity'])} here")
     if dedup is not None:
         print(f"\nWithout the {dedup['n_removed']} test images that have a near-duplicate in train "
               f"({dedup['n_images']} left), at the {chosen_name} threshold:")

@@ -55,6 +55,8 @@ class Ensemble:
         preprocess: ``image_size``, ``mean``, ``std``, ``crop_pct`` the models were trained with.
         thresholds: operating points chosen on the run's out-of-fold predictions.
         operating_point: the name of the run's chosen threshold.
+        temperatures: each model's calibration temperature (1 for an uncalibrated model).
+        oof_at_thresholds: out-of-fold metrics at each operating point, as training measured them.
     """
 
     models: list[nn.Module]
@@ -63,6 +65,8 @@ class Ensemble:
     preprocess: dict
     thresholds: dict
     operating_point: str
+    temperatures: list[float]
+    oof_at_thresholds: dict
 
 
 def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
@@ -72,7 +76,7 @@ def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
         WeightsError: a checkpoint is missing, broken, or its weights do not fit its model.
         ConfigError: the checkpoints were trained with different preprocessing.
     """
-    models, paths, first = [], find_checkpoints(ckpt), None
+    models, temperatures, paths, first = [], [], find_checkpoints(ckpt), None
     for path in paths:
         payload = load_checkpoint(path)
         config, preprocess = payload.get("config", {}), payload.get("preprocess")
@@ -86,13 +90,14 @@ def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
                                f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
                                ) from None
         models.append(model.to(runtime.device, memory_format=runtime.memory_format).eval())
+        temperatures.append(float(payload.get("temperature", 1.0)))
         if first is None:
             first = payload
         elif preprocess != first["preprocess"]:
             raise ConfigError(f"{path} was trained with {preprocess}, {paths[0]} with {first['preprocess']}; "
                               "evaluate them separately")
     return Ensemble(models, paths, first["config"], first["preprocess"], first.get("thresholds", {"0.5": 0.5}),
-                    first.get("operating_point", "0.5"))
+                    first.get("operating_point", "0.5"), temperatures, first.get("oof_at_thresholds", {}))
 
 
 def tta_views(images: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
@@ -112,20 +117,24 @@ def tta_views(images: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime, tta: TTA = "none") -> np.ndarray:
+def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime, tta: TTA = "none",
+                  temperatures: list[float] | None = None) -> np.ndarray:
     """Probability of malignancy from each model, averaged over TTA views.
+
+    ``temperatures`` (one per model, default 1) divide each model's logits before the sigmoid.
 
     Returns:
         An array (models x images); the ensemble's prediction is its mean over axis 0.
     """
     tta_views(torch.zeros(1, 1, 2, 2), tta)  # validate before the first batch
     out = [[] for _ in models]
+    temperatures = temperatures or [1.0] * len(models)
     for images, _ in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
         views = tta_views(images, tta)
-        for i, model in enumerate(models):
+        for i, (model, temperature) in enumerate(zip(models, temperatures, strict=True)):
             with runtime.autocast():
-                probs = [torch.sigmoid(model(v).squeeze(1).float()) for v in views]
+                probs = [torch.sigmoid(model(v).squeeze(1).float() / temperature) for v in views]
             out[i].append(torch.stack(probs).mean(0))
     return np.stack([torch.cat(p).cpu().numpy() for p in out])
 
@@ -143,7 +152,7 @@ def predict_paths(ensemble: Ensemble, paths: list[str], runtime: Runtime, tta: T
     loader = make_loader(ImageDataset(paths, [0] * len(paths), transform), batch_size, train=False,
                          num_workers=resolve_num_workers(num_workers), seed=0,
                          pin_memory=runtime.device.type == "cuda")
-    return predict_probs(ensemble.models, loader, runtime, tta)
+    return predict_probs(ensemble.models, loader, runtime, tta, ensemble.temperatures)
 
 
 def resolve_threshold(choice: str | float | None, ensemble: Ensemble) -> tuple[str, float]:

@@ -88,6 +88,29 @@ def choose_thresholds(labels: Sequence[int], probs: Sequence[float], min_sensiti
     return {"0.5": 0.5, "youden": youden, "sens95": sens}
 
 
+def degenerate_operating_point(name: str, threshold: float, oof: dict, min_specificity: float = 0.2) -> str | None:
+    """A one-line warning when an operating point keeps too little specificity to mean anything.
+
+    A weak model can only reach 95% sensitivity by calling nearly every lesion malignant; its
+    ``sens95`` threshold is then a number without a use.
+
+    Args:
+        name: the operating point's name, e.g. ``sens95``.
+        threshold: its value.
+        oof: the out-of-fold metrics at that threshold (:func:`binary_metrics`).
+        min_specificity: below this specificity the point is reported as degenerate.
+
+    Returns:
+        The warning, or ``None`` when the point is usable.
+    """
+    spec = oof.get("specificity")
+    if spec is None or spec >= min_specificity:
+        return None
+    return (f"the {name} threshold {threshold:.3g} keeps only {spec:.1%} specificity on the out-of-fold "
+            f"predictions (sensitivity {oof.get('sensitivity') or 0:.1%}): it calls almost every lesion malignant; "
+            f"train a stronger model, or use threshold=youden")
+
+
 def pauc_above_tpr(labels: Sequence[int], probs: Sequence[float], min_tpr: float = 0.80) -> float:
     """Partial AUC above ``min_tpr`` sensitivity, normalised as in the ISIC 2024 challenge.
 

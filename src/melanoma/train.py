@@ -26,8 +26,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+import melanoma.configs  # noqa: F401  (registers the config resolvers)
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.cache import build_cache
+from melanoma.calibration import apply_temperature, fit_temperature
 from melanoma.checkpoint import update_checkpoint, write_csv, write_json
 from melanoma.data import (
     ImageDataset,
@@ -41,7 +43,7 @@ from melanoma.data import (
 from melanoma.engine import fit, make_loss
 from melanoma.errors import ConfigError, TrainingInterrupted, report_user_errors
 from melanoma.folds import make_folds
-from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
+from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, degenerate_operating_point, summarize
 from melanoma.models import create_model, model_normalization
 from melanoma.optim import create_optimizer, create_scheduler
 from melanoma.plots import plot_run
@@ -148,8 +150,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if runtime.distributed and cfg.data.cache == "memory" and main:
         log.info("data.cache=memory: each of the %d ranks decodes the images itself; data.cache=disk decodes "
                  "them once for all", runtime.world_size)
+    # Layer-wise decay protects pretrained features; a randomly initialised body has none to protect.
+    layer_decay = cfg.optimizer.layer_decay if m.pretrained or m.weights else None
+    if layer_decay is None and cfg.optimizer.layer_decay is not None:
+        log.info("the model starts from random init: optimizer.layer_decay=%s is not applied", cfg.optimizer.layer_decay)
     batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
-    per_fold, oof = [], []
+    if cfg.cv.calibration not in ("temperature", "none"):
+        raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
+    calibrate = cfg.cv.calibration == "temperature"
+    per_fold, oof, temperatures = [], [], []
     for k in range(cfg.cv.folds):
         tr, va = train_set[fold_of != k], train_set[fold_of == k]
         assert not set(tr["path"]) & set(va["path"]), "a validation image leaked into training"
@@ -169,17 +178,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                         rank=rank, world_size=world, prefetch_factor=cfg.data.prefetch_factor)
             for part, tf, is_train in ((tr, pipeline.train, True), (va.iloc[rank::world], pipeline.eval, False))
         ]
-        optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay,
-                                     cfg.optimizer.momentum, fused=runtime.device.type == "cuda")
-        scheduler = create_scheduler(optimizer, cfg.scheduler.name, cfg.trainer.epochs, cfg.scheduler.min_lr)
+        o, sch = cfg.optimizer, cfg.scheduler
+        optimizer = create_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum,
+                                     fused=runtime.device.type == "cuda", layer_decay=layer_decay)
+        scheduler = create_scheduler(optimizer, sch.name, cfg.trainer.epochs, sch.min_lr, sch.warmup_epochs,
+                                     sch.warmup_lr, steps_per_epoch=len(loaders[0]))
         result = fit(model, *loaders, va["label"].to_numpy(), optimizer, scheduler,
                      make_loss(cfg.trainer.pos_weight, tr["label"].to_numpy()), runtime, cfg.trainer.epochs,
                      run_dir / f"fold{k}", config, cfg.trainer.monitor, fold=k,
                      checkpoint_extra={"preprocess": preprocess, "classes": list(cfg.data.classes)},
-                     skip_nonfinite=cfg.trainer.skip_nonfinite, device_transform=pipeline.device)
-        per_fold.append({"fold": k, "best_epoch": result.best_epoch} | result.metrics)
-        oof.append(va.assign(fold=k, prob=result.probs))
-        log.info("fold %d: best epoch %d, val auc %s", k, result.best_epoch, result.metrics["auc"])
+                     skip_nonfinite=cfg.trainer.skip_nonfinite, device_transform=pipeline.device,
+                     clip_grad_norm=cfg.trainer.clip_grad_norm, ema_decay=cfg.trainer.ema_decay)
+        # Each fold model gets its own temperature, fitted on its validation fold: the ensemble then
+        # averages probabilities of one scale, and the OOF thresholds below hold for it.
+        temperature = fit_temperature(va["label"], result.probs) if calibrate else 1.0
+        temperatures.append(temperature)
+        per_fold.append({"fold": k, "best_epoch": result.best_epoch, "temperature": temperature} | result.metrics)
+        oof.append(va.assign(fold=k, prob=apply_temperature(result.probs, temperature), prob_uncalibrated=result.probs))
+        log.info("fold %d: best epoch %d, val auc %s, temperature %.3f", k, result.best_epoch, result.metrics["auc"],
+                 temperature)
 
     oof = pd.concat(oof).sort_index()
     mean_m, std_m = summarize(per_fold, METRICS)
@@ -187,9 +204,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     thresholds = choose_thresholds(oof["label"], oof["prob"])
     if not main:
         return {}
-    write_csv(oof[["path", "label", "fold", "prob"]], run_dir / "oof_predictions.csv")
+    at_thresholds = {name: binary_metrics(oof["label"], oof["prob"], t) for name, t in thresholds.items()}
+    write_csv(oof[["path", "label", "fold", "prob", "prob_uncalibrated"]], run_dir / "oof_predictions.csv")
     for k in range(cfg.cv.folds):
-        update_checkpoint(run_dir / f"fold{k}" / "best.pt", thresholds=thresholds, operating_point=operating_point)
+        update_checkpoint(run_dir / f"fold{k}" / "best.pt", thresholds=thresholds, operating_point=operating_point,
+                          temperature=temperatures[k], oof_at_thresholds=at_thresholds)
     metrics = {
         "model": m.name,
         "threshold": THRESHOLD,
@@ -200,7 +219,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "oof": binary_metrics(oof["label"], oof["prob"], THRESHOLD),
         "thresholds": thresholds,
         "operating_point": operating_point,
-        "oof_at_thresholds": {name: binary_metrics(oof["label"], oof["prob"], t) for name, t in thresholds.items()},
+        "calibration": cfg.cv.calibration,
+        "oof_uncalibrated": binary_metrics(oof["label"], oof["prob_uncalibrated"], THRESHOLD),
+        "oof_at_thresholds": at_thresholds,
         "n_images": int(len(train_set)),
         "n_positive": int(labels.sum()),
         "n_skipped": len(bad),
@@ -213,6 +234,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     print(_format_table(per_fold, mean_m, std_m))
     print(f"pooled out-of-fold AUC {metrics['oof']['auc']}; {time.perf_counter() - start:.0f} s; "
           f"outputs in {run_dir}")
+    warning = degenerate_operating_point(operating_point, thresholds[operating_point], at_thresholds[operating_point])
+    if warning:
+        log.warning("%s", warning)
     return metrics
 
 
