@@ -25,9 +25,10 @@ DOCUMENTED_KEYS = ["data.root", "data.image_size", "data.batch_size", "data.num_
 
 def test_groups_are_the_documented_ones() -> None:
     assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "hydra", "model",
-                           "optimizer", "scheduler", "trainer"}
-    assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2",
-                                                      "efficientnet_b0", "efficientnet_lite0"}
+                           "optimizer", "recipe", "scheduler", "trainer"}
+    assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2", "efficientnet_b0",
+                                                      "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert {o for g, o in OPTIONS if g == "recipe"} == {"finetune", "seed"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
@@ -44,7 +45,8 @@ def test_model_names_are_timm_names() -> None:
     import timm
 
     expected = {"resnet34": "resnet34", "resnext101": "resnext101_32x8d", "mobilenet_v2": "mobilenetv2_100",
-                "efficientnet_b0": "efficientnet_b0", "efficientnet_lite0": "tf_efficientnet_lite0"}
+                "efficientnet_b0": "efficientnet_b0", "efficientnet_lite0": "tf_efficientnet_lite0",
+                "efficientnet_lite1": "tf_efficientnet_lite1", "efficientnet_lite2": "tf_efficientnet_lite2"}
     for option, name in expected.items():
         cfg = make_config([f"model={option}"])
         assert cfg.model.name == name and timm.is_model(name)
@@ -52,10 +54,22 @@ def test_model_names_are_timm_names() -> None:
 
 
 def test_seed_recipe_matches_the_seed() -> None:
-    cfg = make_config()
+    cfg = make_config(["recipe=seed"])
     assert (cfg.data.image_size, cfg.data.batch_size, cfg.optimizer.name, cfg.optimizer.lr) == (224, 64, "adam", 0.001)
     assert (cfg.trainer.epochs, cfg.cv.folds, cfg.trainer.monitor) == (25, 3, "auc")
-    assert cfg.augmentation.rotation == 15 and cfg.augmentation.hflip == 0.5
+    assert cfg.scheduler.name == "none" and cfg.optimizer.layer_decay is None and cfg.trainer.ema_decay is None
+    assert cfg.augmentation.name == "seed" and cfg.augmentation.rotation == 15 and cfg.augmentation.hflip == 0.5
+    assert cfg.augmentation.color_jitter == [0.2, 0.2, 0.2, 0.02] and cfg.trainer.clip_grad_norm is None
+    grid = make_config(["hparams=seed_grid"])  # the coursework's grid keeps the coursework's recipe
+    assert (grid.optimizer.name, grid.scheduler.name, grid.augmentation.name) == ("adam", "none", "seed")
+
+
+def test_pretrained_backbones_fine_tune_by_default() -> None:
+    cfg = make_config(["model=efficientnet_b0"])
+    assert cfg.model.pretrained is True
+    assert (cfg.optimizer.name, cfg.scheduler.name, cfg.augmentation.name) == ("adamw", "warmup_cosine", "dermoscopy")
+    assert 0 < cfg.optimizer.layer_decay < 1 and cfg.scheduler.warmup_epochs > 0
+    assert cfg.cv.calibration == "temperature"
 
 
 def test_unknown_option_lists_the_choices() -> None:
@@ -93,10 +107,14 @@ def test_launcher_configs_compose(launcher: str, target: str, values: dict, monk
     assert cfg.hydra.sweeper.params["optimizer.lr"] == "0.001,0.01,0.1"
 
 
-def test_demo_experiment_is_offline() -> None:
+def test_demo_experiment_is_offline_on_the_shipped_real_set() -> None:
     cfg = make_config(["experiment=demo"])
-    assert cfg.model.pretrained is False
-    assert cfg.data.synthetic.n_train > 0 and "demo" in cfg.data.root
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert cfg.model.weights == "lite0-package" and cfg.model.name == "tf_efficientnet_lite0"
+    assert data["layout"] == "csv" and data["synthetic"] is None
+    manifest = Path(data["manifest"])
+    assert manifest.is_file() and (manifest.parent / "ATTRIBUTION.txt").is_file()
+    assert manifest.parent.parent.parent == Path(resources.files("melanoma"))  # inside the package
 
 
 def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
@@ -110,4 +128,7 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     for top in ("train", "eval", "predict", "audit_run", "explain", "bench"):
         assert f"melanoma/configs/{top}.yaml" in names
     assert "melanoma/configs/__init__.py" in names
+    demo = "melanoma/demo_data/isic-uda1"
+    assert {f"{demo}/manifest.csv", f"{demo}/ATTRIBUTION.txt"} <= names
+    assert sum(n.startswith(f"{demo}/images/") and n.endswith(".jpg") for n in names) == 557
     assert {"melanoma/configs/hydra/launcher/slurm.yaml", "melanoma/configs/hydra/launcher/parallel.yaml"} <= names

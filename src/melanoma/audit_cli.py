@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import melanoma.configs  # noqa: F401  (registers the config resolvers)
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.data import load_records

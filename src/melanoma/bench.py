@@ -33,6 +33,7 @@ import torchvision
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import melanoma.configs  # noqa: F401  (registers the config resolvers)
 from melanoma.cache import build_cache
 from melanoma.checkpoint import write_json
 from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, split_records, usable_cores
