@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from melanoma.audit import audit_records
 
-EDGE, QUALITY, TEST_SHARE, SEED = 192, 90, 0.2, 0
+EDGE, QUALITY, TEST_SHARE, SEED = 224, 90, 0.2, 0
 
 
 def main(source: Path, target: Path) -> None:

@@ -61,8 +61,10 @@ def test_warmup_cosine_is_stepped_per_batch_at_the_hand_computed_rates() -> None
         assert head["lr"] == pytest.approx(expected(t), rel=1e-9), t
         assert stem["lr"] == pytest.approx(expected(t) * stem["lr_scale"], rel=1e-9), t
     assert expected(5) == pytest.approx(5.05e-4) and expected(20) == pytest.approx(5.005e-4)
-    with pytest.raises(ConfigError, match=r"scheduler\.warmup_epochs=4"):
-        create_scheduler(optimizer, "warmup_cosine", 4, warmup_epochs=4, steps_per_epoch=steps)
+    with pytest.raises(ConfigError, match=r"scheduler\.warmup_epochs=-1"):
+        create_scheduler(optimizer, "warmup_cosine", 4, warmup_epochs=-1, steps_per_epoch=steps)
+    short = create_scheduler(optimizer, "warmup_cosine", 1, warmup_epochs=1, warmup_lr=start, steps_per_epoch=steps)
+    assert short.warmup_t == steps // 2  # a one-epoch check run warms up for half of it, then decays
 
 
 def _loaders(n: int = 64) -> tuple[DataLoader, DataLoader, np.ndarray]:
@@ -137,5 +139,5 @@ def test_clipping_bounds_every_update() -> None:
     batch = [(torch.full((8, 4), 100.0), torch.ones(8))]
     rt = resolve_runtime("cpu", "fp32")
     train_one_epoch(model, batch, optimizer, make_loss(None), rt, rt.grad_scaler(), clip_grad_norm=0.5)
-    step = torch.cat([(model.weight - before).flatten(), model.bias.detach().flatten()])
-    assert float(model.weight.sub(before).norm()) <= 0.5 + 1e-6 and step.abs().max() > 0
+    moved = model.weight.detach() - before
+    assert 0 < float(moved.norm()) <= 0.5 + 1e-6  # lr 1 times a gradient clipped to norm 0.5

@@ -160,6 +160,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     write_csv(predictions, out_dir / "predictions.csv")
     metrics = {
         "ckpt": str(cfg.ckpt),
+        "model": ensemble.config["model"]["name"],
         "models": [str(p) for p in ensemble.paths],
         "data": {k: data.get(k) for k in ("layout", "root", "manifest")},
         "split": cfg.eval.split,

@@ -11,6 +11,7 @@ Two recipes share these functions:
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Literal
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from melanoma.errors import ConfigError
 
+log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULERS = ("none", "cosine", "warmup_cosine")
 _CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "momentum": torch.optim.SGD}
@@ -81,20 +83,24 @@ def create_scheduler(optimizer: torch.optim.Optimizer, name: Literal["none", "co
         steps_per_epoch: optimizer updates per epoch, ``warmup_cosine`` only.
 
     Raises:
-        ConfigError: unknown name, or a warm-up longer than the run.
+        ConfigError: unknown name, or a negative warm-up (one over half the run is cut to half).
     """
     if name == "none":
         return None
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=min_lr)
     if name == "warmup_cosine":
-        if not 0 <= warmup_epochs < max(epochs, 1):
-            raise ConfigError(f"scheduler.warmup_epochs={warmup_epochs} must be at least 0 and shorter than "
-                              f"trainer.epochs={epochs}")
+        if not warmup_epochs >= 0:
+            raise ConfigError(f"scheduler.warmup_epochs={warmup_epochs} must be at least 0")
+        total = max(epochs, 1) * steps_per_epoch
         warmup_steps = round(warmup_epochs * steps_per_epoch)
+        if warmup_steps > total // 2:  # a short check run (trainer.epochs=1) still decays
+            log.warning("scheduler.warmup_epochs=%g is over half of trainer.epochs=%d: warming up for half the run",
+                        warmup_epochs, epochs)
+            warmup_steps = total // 2
         for group in optimizer.param_groups:  # timm multiplies by each group's lr_scale itself
             group["initial_lr"] = group["lr"] / group.get("lr_scale", 1.0)
-        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=max(epochs, 1) * steps_per_epoch,
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=total,
                                            min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_steps,
                                            step_on_epochs=False, updates_per_epoch=1)
         return scheduler

@@ -1,11 +1,13 @@
 """Figures of a run, each a pure function of the run directory's files.
 
-``plot_run(RUN_DIR)`` redraws every figure from ``oof_predictions.csv`` and
-``fold*/history.csv`` without retraining.
+``plot_run(RUN_DIR)`` redraws every figure from ``metrics.json``, ``oof_predictions.csv`` and
+``fold*/history.csv`` without retraining. Every figure names its model and run folder; fold K has
+one colour (``fold_colour``) everywhere, and the pooled or ensemble curve is drawn in black.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +22,18 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 from melanoma.checkpoint import atomic_path
 
 CLASS_NAMES = ("benign", "malignant")
+POOLED = {"color": "black", "linewidth": 2.2, "zorder": 3}  # the ensemble / pooled curve, set apart from folds
+
+
+def fold_colour(fold: int) -> str:
+    """The colour of fold ``fold`` in every figure (matplotlib's cycle, C0 for fold 0)."""
+    return f"C{fold % 10}"
+
+
+def _fold_of(name: str) -> int | None:
+    """The fold index of a curve named ``fold K`` or ``foldK``, else ``None``."""
+    digits = name.removeprefix("fold").strip()
+    return int(digits) if name.startswith("fold") and digits.isdigit() else None
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -40,13 +54,22 @@ def plot_confusion_matrix(labels: Sequence[int], probs: Sequence[float], path: s
     _save(fig, Path(path))
 
 
-def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path, title: str = "Loss curves") -> None:
-    """Training and validation loss per epoch, one colour per fold (solid train, dashed val)."""
+def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path, title: str = "Loss curves",
+                     best_epochs: Mapping[int, int] | None = None) -> None:
+    """Training and validation loss per epoch, one colour per fold (solid train, dashed val).
+
+    ``best_epochs`` (fold -> epoch) marks the epoch whose weights each fold kept, with a star.
+    """
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for fold, history in sorted(histories.items()):
-        line, = ax.plot(history["epoch"], history["train_loss"], label=f"fold {fold} train")
-        ax.plot(history["epoch"], history["val_loss"], "--", color=line.get_color(), label=f"fold {fold} val")
+        colour = fold_colour(fold)
+        ax.plot(history["epoch"], history["train_loss"], color=colour, label=f"fold {fold} train")
+        ax.plot(history["epoch"], history["val_loss"], "--", color=colour, label=f"fold {fold} val")
+        best = (best_epochs or {}).get(fold)
+        if best is not None and (history["epoch"] == best).any():
+            ax.plot([best], history.loc[history["epoch"] == best, "val_loss"].iloc[:1], "*", color=colour,
+                    markersize=12, markeredgecolor="black", label="kept epoch" if fold == min(histories) else None)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("BCE loss")
@@ -56,44 +79,81 @@ def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path, ti
     _save(fig, Path(path))
 
 
-def plot_roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path) -> None:
-    """ROC curves with their AUC, one per entry of ``curves`` (name -> labels, probabilities)."""
-    fig = Figure(figsize=(4.8, 4.5))
+def _mark_threshold(ax, labels: Sequence[int], probs: Sequence[float], operating_point: tuple[str, float]) -> None:
+    """Mark where the curve of ``probs`` stands at the named threshold: (1 - specificity, sensitivity)."""
+    name, threshold = operating_point
+    y, pred = np.asarray(labels, dtype=int), np.asarray(probs) >= threshold
+    tpr, fpr = pred[y == 1].mean(), pred[y == 0].mean()
+    ax.plot([fpr], [tpr], "o", color="crimson", markersize=8, markeredgecolor="black", zorder=4,
+            label=f"{name} threshold {threshold:.3g}: sens {tpr:.2f}, spec {1 - fpr:.2f}")
+
+
+def plot_roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path, title: str = "ROC curve",
+             operating_point: tuple[str, float] | None = None) -> None:
+    """ROC curves with their AUC, one per entry of ``curves`` (name -> labels, probabilities).
+
+    The first entry (the ensemble or pooled predictions) is drawn in black over the others; a curve
+    named ``fold K`` takes fold K's colour. ``operating_point`` (name, threshold) is marked on the
+    first curve.
+    """
+    fig = Figure(figsize=(5.2, 4.8))
     ax = fig.add_subplot()
-    for name, (labels, probs) in curves.items():
-        if len(set(labels)) == 2:
-            RocCurveDisplay.from_predictions(labels, probs, name=name, ax=ax, pos_label=1)
+    for i, (name, (labels, probs)) in enumerate(curves.items()):
+        if len(set(labels)) != 2:
+            continue
+        fold = _fold_of(name)
+        style = POOLED if i == 0 else {"color": fold_colour(fold) if fold is not None else None, "linewidth": 1,
+                                       "alpha": 0.8}
+        RocCurveDisplay.from_predictions(labels, probs, name=name, ax=ax, pos_label=1).line_.set(**style)
+        if i == 0 and operating_point is not None:
+            _mark_threshold(ax, labels, probs, operating_point)
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_title("ROC curve")
-    ax.legend(fontsize="small", loc="lower right")
+    ax.set_title(title, fontsize="medium", wrap=True)
+    ax.legend(fontsize="x-small", loc="lower right")
     _save(fig, Path(path))
 
 
-def plot_precision_recall(labels: Sequence[int], probs: Sequence[float], path: str | Path) -> None:
+def plot_precision_recall(labels: Sequence[int], probs: Sequence[float], path: str | Path,
+                          title: str = "Precision-recall curve") -> None:
     """Precision-recall curve with average precision (scikit-learn's display)."""
     fig = Figure(figsize=(4.8, 4.5))
     ax = fig.add_subplot()
     if len(set(labels)) == 2:
         PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, pos_label=1, name="ensemble",
-                                                plot_chance_level=True)
+                                                plot_chance_level=True).line_.set(**POOLED)
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV at the test set's prevalence)")
-    ax.set_title("Precision-recall curve")
+    ax.set_title(title, fontsize="medium", wrap=True)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", loc="lower left")
     _save(fig, Path(path))
 
 
-def plot_calibration(labels: Sequence[int], probs: Sequence[float], path: str | Path, n_bins: int = 10) -> None:
-    """Reliability diagram: observed malignancy rate per bin of predicted probability."""
-    fig = Figure(figsize=(4.8, 4.5))
+def plot_calibration(labels: Sequence[int], probs: Sequence[float], path: str | Path, n_bins: int = 10,
+                     title: str = "Calibration (reliability diagram)",
+                     operating_point: tuple[str, float] | None = None, name: str = "ensemble") -> None:
+    """Reliability diagram: observed malignancy rate per bin of predicted probability.
+
+    Each point is labelled with its number of images (equal-width bins, empty ones left out), and
+    ``operating_point`` (name, threshold) is drawn as a vertical line.
+    """
+    fig = Figure(figsize=(5.2, 4.8))
     ax = fig.add_subplot()
-    CalibrationDisplay.from_predictions(labels, probs, n_bins=n_bins, ax=ax, name="ensemble", pos_label=1)
-    ax.set_xlabel("mean predicted probability of malignancy")
+    p = np.asarray(probs, dtype=float)
+    display = CalibrationDisplay.from_predictions(labels, p, n_bins=n_bins, ax=ax, name=name, pos_label=1)
+    display.line_.set(**POOLED)
+    counts = np.bincount(np.minimum((p * n_bins).astype(int), n_bins - 1), minlength=n_bins)
+    for x, y, n in zip(display.prob_pred, display.prob_true, counts[counts > 0], strict=True):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize="x-small")
+    if operating_point is not None:
+        name, threshold = operating_point
+        ax.axvline(threshold, color="crimson", linestyle="--", linewidth=1, label=f"{name} threshold {threshold:.3g}")
+    ax.set_xlabel("predicted probability of malignancy (numbers: images per bin)")
     ax.set_ylabel("observed fraction malignant")
-    ax.set_title("Calibration (reliability diagram)")
+    ax.set_title(title, fontsize="medium", wrap=True)
+    ax.legend(fontsize="x-small", loc="upper left")
     _save(fig, Path(path))
 
 
@@ -149,12 +209,15 @@ def plot_evaluation(eval_dir: str | Path, threshold: float, threshold_name: str)
     y, p = pred["label"], pred["prob"]
     written = [eval_dir / name for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png",
                                             "calibration.png")]
-    plot_confusion_matrix(y, p, written[0], threshold, title=f"Test, {threshold_name} threshold {threshold:.3g}")
+    name = _figure_label(eval_dir, "evaluated")
+    point = (threshold_name, threshold)
+    plot_confusion_matrix(y, p, written[0], threshold,
+                          title=f"Test, {threshold_name} threshold {threshold:.3g}\n{name}")
     curves = {"ensemble": (y, p)} | {c.removeprefix("prob_"): (y, pred[c]) for c in pred.columns
                                      if c.startswith("prob_")}
-    plot_roc(curves, written[1])
-    plot_precision_recall(y, p, written[2])
-    plot_calibration(y, p, written[3])
+    plot_roc(curves, written[1], f"ROC curve, test\n{name}", point)
+    plot_precision_recall(y, p, written[2], f"Precision-recall, test\n{name}")
+    plot_calibration(y, p, written[3], title=f"Calibration, test\n{name}", operating_point=point)
     return written
 
 
@@ -162,29 +225,52 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     """Redraw every figure of a training run from its files.
 
     Writes ``confusion_matrix.png`` (pooled out-of-fold), ``fold{k}/confusion_matrix.png``,
-    ``loss_curves.png`` and ``roc_curve.png`` (pooled and per fold).
+    ``loss_curves.png`` (the kept epochs marked), ``roc_curve.png`` (pooled and per fold) and
+    ``calibration.png``, with the run's operating point marked.
 
     Returns:
         The paths written.
     """
     run_dir = Path(run_dir)
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
-    written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png"]
+    metrics = _read_json(run_dir / "metrics.json")
+    name = _figure_label(run_dir, "trained")
+    written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png",
+               run_dir / "calibration.png"]
+    point_name = metrics.get("operating_point")
+    point = (point_name, metrics["thresholds"][point_name]) if point_name in metrics.get("thresholds", {}) else None
     plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
-                          title=f"Out-of-fold, threshold {threshold:g}")
+                          title=f"Out-of-fold, threshold {threshold:g}\n{name}")
     histories = {}
     curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
     for fold, part in oof.groupby("fold"):
         fold_dir = run_dir / f"fold{fold}"
         plot_confusion_matrix(part["label"], part["prob"], fold_dir / "confusion_matrix.png", threshold,
-                              title=f"Fold {fold} validation")
+                              title=f"Fold {fold} validation\n{name}")
         written.append(fold_dir / "confusion_matrix.png")
         curves[f"fold {fold}"] = (part["label"], part["prob"])
         if (fold_dir / "history.csv").is_file():
             histories[int(fold)] = pd.read_csv(fold_dir / "history.csv")
-    plot_loss_curves(histories, written[1])
-    plot_roc(curves, written[2])
+    best = {f["fold"]: f["best_epoch"] for f in metrics.get("folds", []) if "best_epoch" in f}
+    plot_loss_curves(histories, written[1], f"Loss per fold (star: the epoch kept)\n{name}", best)
+    plot_roc(curves, written[2], f"ROC curve, out-of-fold\n{name}", point)
+    plot_calibration(oof["label"], oof["prob"], written[3], title=f"Calibration, out-of-fold\n{name}",
+                     operating_point=point, name="pooled out-of-fold")
     return written
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _figure_label(folder: Path, verb: str) -> str:
+    """``model, run folder`` for a figure's title, from the folder's ``metrics.json``."""
+    metrics = _read_json(folder / "metrics.json")
+    model = metrics.get("model") or "model not recorded"
+    return f"{model}, {verb} in {folder.name}"
 
 
 def plot_activation_maps(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path,

@@ -3,9 +3,9 @@
 Pages of ``report.pdf``, in order (a page that cannot be drawn is left out and listed on the
 "skipped" page, so the count is a function of the input only):
 
-1. title: data, date, code commit, runs, settings shared by every run
+1. title: data, date, code commit, runs, settings shared by every run, and what was skipped and
+   why when that fits (else on a page of its own after the table)
 2. the results table (18 runs a page)
-3. what was skipped, and why
 4. heat maps of mean CV AUC over learning rate x batch size, one per model (needs 2 x 2 values)
 5. one page per run: loss curves, out-of-fold confusion matrix, test confusion matrix if evaluated
 6. ROC curves of the top 5 runs, out-of-fold (solid) and test (dashed)
@@ -38,13 +38,15 @@ from melanoma.report_figures import ACTIVATION_MAPS, FIGURE_ERRORS, augmentation
 from melanoma.runs import Run, Skipped
 
 A4 = (11.69, 8.27)  # landscape, inches
+TITLE_CHARS = 110  # a page title longer than this wraps onto a second line
+SKIPPED_ON_TITLE = 12  # lines of "skipped" that the title page holds; more get a page of their own
 TABLE_ROWS = 18
 TOP_ROC = 5
 
 
 def _page(title: str) -> Figure:
     fig = Figure(figsize=A4)
-    fig.suptitle(title, x=0.03, ha="left", fontsize=13, fontweight="bold")
+    fig.suptitle("\n".join(textwrap.wrap(title, TITLE_CHARS)), x=0.03, ha="left", fontsize=13, fontweight="bold")
     return fig
 
 
@@ -80,7 +82,7 @@ def _commit() -> str:
     return sha + (" with uncommitted changes" if dirty else "")
 
 
-def _title_page(report: Report, n_skipped: int) -> Figure:
+def _title_page(report: Report, skipped_lines: list[str]) -> Figure:
     best, row = report.runs[0], report.table.iloc[0]
     shared = set.intersection(*(set(r.overrides) for r in report.runs))
     lines = [
@@ -91,8 +93,12 @@ def _title_page(report: Report, n_skipped: int) -> Figure:
             f"{row['auc_mean']:.4f} ± {row['auc_std']:.4f}" if row["best"] else "no run has an AUC",
         "", "overrides shared by every run:", *textwrap.wrap(" ".join(sorted(shared)) or "none", 130,
                                                              initial_indent="    ", subsequent_indent="    "),
-        "", f"{n_skipped} item{'s' * (n_skipped != 1)} skipped or incomplete (page {2 + _table_pages(report)})",
     ]
+    n = len(report.skipped)
+    if len(skipped_lines) <= SKIPPED_ON_TITLE:
+        lines += ["", f"skipped or incomplete ({n}):", *[f"    {line}" for line in skipped_lines]]
+    else:
+        lines += ["", f"{n} item{'s' * (n != 1)} skipped or incomplete (page {2 + _table_pages(report)})"]
     return _text_page("melanoma report", lines, fontsize=11)
 
 
@@ -263,10 +269,11 @@ def write_pdf(report: Report, path: Path) -> None:
     skipped_lines = [w for line in skipped for w in textwrap.wrap(line, 150, subsequent_indent="    ")]
     with atomic_path(path) as tmp, PdfPages(tmp, metadata={"Title": "melanoma report",
                                                            "Creator": "melanoma-report"}) as pdf:
-        pdf.savefig(_title_page(report, len(report.skipped)))
+        pdf.savefig(_title_page(report, skipped_lines))
         for fig in _table_figures(report):
             pdf.savefig(fig)
-        pdf.savefig(_text_page("Skipped or incomplete", skipped_lines))
+        if len(skipped_lines) > SKIPPED_ON_TITLE:  # else they are on the title page: no near-empty page
+            pdf.savefig(_text_page("Skipped or incomplete", skipped_lines))
         if heatmap:
             pdf.savefig(heatmap)
         for run, (_, row) in zip(report.runs, report.table.iterrows(), strict=True):

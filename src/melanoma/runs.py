@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,8 +131,27 @@ def _not_the_test_result(evaluation: Evaluation, run: Run) -> str | None:
     return None
 
 
-def collect(paths: list[str | Path]) -> tuple[list[Run], list[Skipped]]:
+def _evaluations_under(root: Path) -> list[Evaluation]:
+    """The readable ``melanoma-eval`` outputs below ``root`` (an unreadable one is passed over)."""
+    found = []
+    for d in _candidates(root) if root.is_dir() else []:
+        try:
+            metrics = json.loads((d / "metrics.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(metrics, dict) and "ckpt" in metrics and isinstance(metrics.get("thresholds"), dict):
+            found.append(Evaluation(d, metrics))
+    return found
+
+
+def collect(paths: list[str | Path],
+            eval_dirs: Sequence[str | Path] = ("outputs/eval",)) -> tuple[list[Run], list[Skipped]]:
     """Find the runs and evaluations under ``paths`` and read their files.
+
+    Args:
+        paths: folders holding runs, sweeps and evaluations.
+        eval_dirs: where else to look for evaluations of the runs found (melanoma-eval's default
+            output folder); evaluations there of other runs are left out silently.
 
     Returns:
         The finished runs (each with its newest evaluation attached, if any) and what was skipped.
@@ -174,7 +194,9 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[Skipped]]:
             else:
                 skipped.append(Skipped(str(d), "metrics.json holds neither fold results (melanoma-train) "
                                                "nor a ckpt (melanoma-eval)"))
-    for evaluation in sorted(evaluations, key=lambda e: (e.dir / "metrics.json").stat().st_mtime):
+    elsewhere = [e for root in map(Path, eval_dirs) for e in _evaluations_under(root) if e.dir.resolve() not in seen]
+    elsewhere = [e for e in elsewhere if _evaluated_run(e, runs) is not None]
+    for evaluation in sorted(evaluations + elsewhere, key=lambda e: (e.dir / "metrics.json").stat().st_mtime):
         run = _evaluated_run(evaluation, runs)
         if run is None:
             skipped.append(Skipped(str(evaluation.dir), f"evaluation of ckpt={evaluation.metrics['ckpt']}, "

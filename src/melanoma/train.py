@@ -153,7 +153,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # Layer-wise decay protects pretrained features; a randomly initialised body has none to protect.
     layer_decay = cfg.optimizer.layer_decay if m.pretrained or m.weights else None
     if layer_decay is None and cfg.optimizer.layer_decay is not None:
-        log.info("the model starts from random init: optimizer.layer_decay=%s is not applied", cfg.optimizer.layer_decay)
+        log.info("the model starts from random init: optimizer.layer_decay=%s is not applied",
+                 cfg.optimizer.layer_decay)
     batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
     if cfg.cv.calibration not in ("temperature", "none"):
         raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
