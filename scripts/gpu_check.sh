@@ -104,7 +104,7 @@ on_device=$(tail -n 1 "$work/rates.txt")
 note "the protocol runs with augmentation.on_device=$on_device (the faster training loop in the benchmarks; false if unknown)"
 t2=$(date +%s)
 
-if "$py" -m melanoma.train "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
+if "$py" -m melanoma.train recipe=seed "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
      "augmentation.on_device=$on_device" "hydra.run.dir=$work/protocol-$t2" 2>&1 | tee "$out/protocol.log"; then
   cp "$work/protocol-$t2/metrics.json" "$out/protocol_metrics.json"
   result="full protocol (3 folds x $epochs epochs, $model, ${image}px, data loading included): $(($(date +%s) - t2)) s"

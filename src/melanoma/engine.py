@@ -47,6 +47,11 @@ def make_loss(pos_weight: float | str | None, labels: np.ndarray | None = None) 
     return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight)))
 
 
+def configured_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The ``optimizer.lr`` the run was configured with, whatever a schedule or layer decay made of it now."""
+    return max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
+
+
 def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
                device_transform: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
@@ -107,7 +112,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         total += loss.detach() * len(labels)  # stays on the device: no sync per step
         count += len(labels)
     if int(first_bad) >= 0:
-        lr = optimizer.param_groups[0]["lr"]
+        lr = configured_lr(optimizer)
         raise NonFiniteLossError(f"{where}{', ' if where else ''}step {int(first_bad)}: the training loss is not "
                                  f"finite; lower optimizer.lr (now {lr:g}) or use trainer.precision=fp32, or set "
                                  "trainer.skip_nonfinite=true to skip such batches")
@@ -323,7 +328,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         if not np.isfinite(probs).all():  # the last updates of the epoch diverged
             raise NonFiniteLossError(
                 f"fold {fold}, epoch {epoch}: the model's validation outputs are not finite; lower optimizer.lr "
-                f"(now {lr:g}) or use trainer.precision=fp32")
+                f"(now {configured_lr(optimizer):g}) or use trainer.precision=fp32")
         if scheduler is not None and not step_per_batch:
             scheduler.step()
         metrics = binary_metrics(val_labels, probs)
