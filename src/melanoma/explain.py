@@ -231,7 +231,7 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
                                  crop_pct=pre["crop_pct"])
     images = torch.stack([transform(load_image(p)) for p in chosen["path"]])
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=32)
-    chosen["prob"] = predict_probs(ensemble.models, loader, runtime).mean(0)
+    chosen["prob"] = predict_probs(ensemble.models, loader, runtime, temperatures=ensemble.temperatures).mean(0)
     chosen["pred"] = (chosen["prob"] >= cutoff).astype(int)
 
     batch = images.to(runtime.device, memory_format=runtime.memory_format)
