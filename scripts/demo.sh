@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# The main job on the embedded demo data: 3-fold cross-validation with every output, from a fresh
-# clone, with no download of data or weights and no network (beyond installing packages once).
-# Extra arguments are Hydra overrides, e.g. scripts/demo.sh trainer.epochs=5
+# The main job on the real demo data shipped with the package: 3-fold fine-tuning of
+# EfficientNet-Lite0 (offline ImageNet weights) on ISIC UDA-1 with every output, from a fresh clone,
+# with no download of data or weights and no network (beyond installing packages once).
+# Extra arguments are Hydra overrides, e.g. scripts/demo.sh trainer.epochs=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/melanoma-train experiment=demo "$@"
+run=outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)
+.venv/bin/melanoma-train experiment=demo hydra.run.dir="$run" "$@"
+cat <<NEXT
+
+Next steps on this run:
+  .venv/bin/melanoma-eval ckpt=$run eval.tta=flip hydra.run.dir=$run/eval   # the held-out test split, with CIs
+  .venv/bin/melanoma-explain ckpt=$run                                        # Grad-CAM maps of test lesions
+  .venv/bin/melanoma-report $run                                              # report.pdf and results.md
+NEXT
