@@ -240,13 +240,13 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    if ema is not None:
+    if ema is not None and state.get("ema") is not None:
         ema.module.load_state_dict(state["ema"])
     set_rng_state(state["rng"])
     train_loader.generator.set_state(state["loader_rng"])
     b = state["best"]
     best = (b["score"], b["epoch"], b["metrics"], b["probs"].numpy())
-    return list(state["history"]), best, state["epoch"] + 1, int(state["updates"])
+    return list(state["history"]), best, state["epoch"] + 1, int(state.get("updates", 0))
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_labels: np.ndarray,

@@ -233,8 +233,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     plot_run(run_dir, THRESHOLD)
     print(f"\n{m.name}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):")
     print(_format_table(per_fold, mean_m, std_m))
-    print(f"pooled out-of-fold AUC {metrics['oof']['auc']}; {time.perf_counter() - start:.0f} s; "
-          f"outputs in {run_dir}")
+    at_point = at_thresholds[operating_point]
+    print(f"pooled out-of-fold: AUC {metrics['oof']['auc']:.4f}; at the {operating_point} threshold "
+          f"{thresholds[operating_point]:.3g} sensitivity {at_point['sensitivity']:.3f}, specificity "
+          f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
     warning = degenerate_operating_point(operating_point, thresholds[operating_point], at_thresholds[operating_point])
     if warning:
         log.warning("%s", warning)
