@@ -146,7 +146,7 @@ def test_cli_defaults_to_the_sweep_and_embeds_activation_maps(runs: Path, capsys
     assert len(reader.pages) == FIXED_PAGES - 1 + 1 + 2 * 4
     assert "skipped or incomplete" in reader.pages[0].extract_text()
     assert len(pd.read_csv(sweep / "results.csv")) == 4
-    for name in ("sample_augmented", "loss_curve", "confusion_matrix", "activation_map"):
+    for name in ("sample_augmented", "loss_curve", "roc_curve", "confusion_matrix", "activation_map"):
         Image.open(runs / "assets" / f"{name}.png").verify()
 
 

@@ -253,10 +253,22 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
             histories[int(fold)] = pd.read_csv(fold_dir / "history.csv")
     best = {f["fold"]: f["best_epoch"] for f in metrics.get("folds", []) if "best_epoch" in f}
     plot_loss_curves(histories, written[1], f"Loss per fold (star: the epoch kept)\n{name}", best)
-    plot_roc(curves, written[2], f"ROC curve, out-of-fold\n{name}", point)
+    plot_run_roc(run_dir, written[2])
     plot_calibration(oof["label"], oof["prob"], written[3], title=f"Calibration, out-of-fold\n{name}",
                      operating_point=point, name="pooled out-of-fold")
     return written
+
+
+def plot_run_roc(run_dir: str | Path, path: str | Path, title: str | None = None) -> None:
+    """The out-of-fold ROC of a run (pooled in black, one curve per fold) with its operating point marked."""
+    run_dir = Path(run_dir)
+    oof = pd.read_csv(run_dir / "oof_predictions.csv")
+    metrics = _read_json(run_dir / "metrics.json")
+    name = metrics.get("operating_point")
+    point = (name, metrics["thresholds"][name]) if name in metrics.get("thresholds", {}) else None
+    curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
+    curves |= {f"fold {k}": (part["label"], part["prob"]) for k, part in oof.groupby("fold")}
+    plot_roc(curves, path, title or f"ROC curve, out-of-fold\n{_figure_label(run_dir, 'trained')}", point)
 
 
 def _read_json(path: Path) -> dict:

@@ -1,7 +1,8 @@
 """The README's figures of a run (``melanoma-report --figures DIR``), each titled with its data.
 
-``write_figures`` draws ``sample_augmented.png``, ``loss_curve.png``, ``confusion_matrix.png``
-and ``activation_map.png`` from the run's files, like every figure of ``report.pdf``.
+``write_figures`` draws ``sample_augmented.png``, ``loss_curve.png``, ``roc_curve.png``,
+``confusion_matrix.png`` and ``activation_map.png`` from the run's files, like every figure of
+``report.pdf``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from matplotlib.image import imread
 from melanoma.checkpoint import atomic_path, load_checkpoint
 from melanoma.data import load_image
 from melanoma.errors import MelanomaError
-from melanoma.plots import plot_augmented_samples, plot_confusion_matrix, plot_loss_curves
+from melanoma.plots import plot_augmented_samples, plot_confusion_matrix, plot_loss_curves, plot_run_roc
 from melanoma.runs import Run, Skipped
 from melanoma.transforms import build_transforms
 
@@ -93,7 +94,7 @@ def _activation_figure(run: Run, path: Path) -> None:
 def write_figures(run: Run, out: Path) -> list[Skipped]:
     """The README's figures of one run, each titled with the data it shows.
 
-    Writes ``sample_augmented.png``, ``loss_curve.png``, ``confusion_matrix.png`` (test split at
+    Writes ``sample_augmented.png``, ``loss_curve.png``, ``roc_curve.png``, ``confusion_matrix.png`` (test split at
     the evaluation's operating point, else out-of-fold at 0.5) and ``activation_map.png`` (from
     ``melanoma-explain``) into ``out``.
 
@@ -106,7 +107,9 @@ def write_figures(run: Run, out: Path) -> list[Skipped]:
         histories = {int(p.parent.name[4:]): pd.read_csv(p) for p in run.dir.glob("fold*/history.csv")}
         if not histories:
             raise FileNotFoundError(f"no {run.dir}/fold*/history.csv")
-        plot_loss_curves(histories, path, title=f"Loss per fold (solid train, dashed validation)\n{about}")
+        best = {f["fold"]: f["best_epoch"] for f in run.metrics.get("folds", []) if "best_epoch" in f}
+        plot_loss_curves(histories, path, title=f"Loss per fold (solid train, dashed validation, star: kept)\n{about}",
+                         best_epochs=best)
 
     def confusion_matrix(path: Path) -> None:
         if run.evaluation:
@@ -127,7 +130,8 @@ def write_figures(run: Run, out: Path) -> list[Skipped]:
     out.mkdir(parents=True, exist_ok=True)
     skipped = []
     for name, draw in (("sample_augmented", lambda path: augmentation_samples(run, path)),
-                       ("loss_curve", loss_curve), ("confusion_matrix", confusion_matrix),
+                       ("loss_curve", loss_curve), ("roc_curve", lambda path: plot_run_roc(run.dir, path, title=(
+                           f"ROC curve, out-of-fold\n{about}"))), ("confusion_matrix", confusion_matrix),
                        ("activation_map", activation_map)):
         try:
             draw(out / f"{name}.png")
