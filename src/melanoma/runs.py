@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+import melanoma.configs  # noqa: F401  (registers the resolvers a run's .hydra/config.yaml may hold)
+
 _RUN_MARKERS = ("metrics.json", "train.log", "folds.csv")
 
 
