@@ -141,3 +141,13 @@ def test_clipping_bounds_every_update() -> None:
     train_one_epoch(model, batch, optimizer, make_loss(None), rt, rt.grad_scaler(), clip_grad_norm=0.5)
     moved = model.weight.detach() - before
     assert 0 < float(moved.norm()) <= 0.5 + 1e-6  # lr 1 times a gradient clipped to norm 0.5
+
+
+def test_eval_and_predict_warn_from_the_oof_metrics_stored_with_the_ensemble() -> None:
+    from melanoma.inference import Ensemble
+
+    stored = {"sens95": {"sensitivity": 0.96, "specificity": 0.05}, "youden": {"sensitivity": 0.7, "specificity": 0.8}}
+    ensemble = Ensemble([], [], {}, {}, {"sens95": 0.01, "youden": 0.3}, "sens95", [], stored)
+    assert "keeps only 5.0% specificity" in ensemble.degenerate_warning("sens95", 0.01)
+    assert ensemble.degenerate_warning("youden", 0.3) is None
+    assert ensemble.degenerate_warning("0.5", 0.5) is None  # not measured out-of-fold: nothing to say

@@ -24,7 +24,6 @@ from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with
 from melanoma.data import load_records, scan_images
 from melanoma.errors import ConfigError, DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
-from melanoma.metrics import degenerate_operating_point
 from melanoma.plots import plot_evaluation
 from melanoma.runtime import resolve_runtime
 from melanoma.synthetic import generate_dataset
@@ -125,10 +124,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
     data = ensemble.config["data"] | overrides
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
-    if chosen_name in ensemble.oof_at_thresholds:
-        warning = degenerate_operating_point(chosen_name, chosen, ensemble.oof_at_thresholds[chosen_name])
-        if warning:
-            log.warning("%s", warning)
+    if warning := ensemble.degenerate_warning(chosen_name, chosen):
+        log.warning("%s", warning)
     eval_set, bad = load_eval_set(data, cfg.eval.split)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from melanoma.checkpoint import load_checkpoint
 from melanoma.data import ImageDataset, make_loader, resolve_num_workers
 from melanoma.errors import ConfigError, WeightsError
+from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model
 from melanoma.runtime import Runtime
 from melanoma.transforms import build_transforms
@@ -67,6 +68,11 @@ class Ensemble:
     operating_point: str
     temperatures: list[float]
     oof_at_thresholds: dict
+
+    def degenerate_warning(self, name: str, threshold: float) -> str | None:
+        """The one-line warning when the named point kept too little OOF specificity, else ``None``."""
+        oof = self.oof_at_thresholds.get(name)
+        return degenerate_operating_point(name, threshold, oof) if oof else None
 
 
 def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:

@@ -22,7 +22,6 @@ from melanoma.checkpoint import write_csv
 from melanoma.data import IMAGE_EXTENSIONS, scan_images
 from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
-from melanoma.metrics import degenerate_operating_point
 from melanoma.runtime import resolve_runtime
 
 log = logging.getLogger("melanoma.predict")
@@ -55,10 +54,8 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     ensemble = load_ensemble(cfg.ckpt, runtime)
     name, threshold = resolve_threshold(cfg.threshold, ensemble)
-    if name in ensemble.oof_at_thresholds:
-        warning = degenerate_operating_point(name, threshold, ensemble.oof_at_thresholds[name])
-        if warning:
-            log.warning("%s", warning)
+    if warning := ensemble.degenerate_warning(name, threshold):
+        log.warning("%s", warning)
     paths = find_images(cfg.input)
     bad = {p for p, _ in scan_images(paths, "skip")}
     paths = [p for p in paths if p not in bad]

@@ -106,6 +106,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     operating_point = str(cfg.cv.operating_point)
     if operating_point not in OPERATING_POINTS:
         raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
+    if cfg.cv.calibration not in ("temperature", "none"):
+        raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
+    calibrate = cfg.cv.calibration == "temperature"
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     run_dir = broadcast(run_dir, runtime)  # torchrun: every rank uses rank 0's run directory
     main = runtime.is_main
@@ -156,9 +159,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("the model starts from random init: optimizer.layer_decay=%s is not applied",
                  cfg.optimizer.layer_decay)
     batch_sizes = {True: cfg.data.batch_size, False: cfg.data.eval_batch_size or 2 * cfg.data.batch_size}
-    if cfg.cv.calibration not in ("temperature", "none"):
-        raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
-    calibrate = cfg.cv.calibration == "temperature"
     per_fold, oof, temperatures = [], [], []
     for k in range(cfg.cv.folds):
         tr, va = train_set[fold_of != k], train_set[fold_of == k]
