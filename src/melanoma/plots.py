@@ -237,18 +237,15 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     name = _figure_label(run_dir, "trained")
     written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png",
                run_dir / "calibration.png"]
-    point_name = metrics.get("operating_point")
-    point = (point_name, metrics["thresholds"][point_name]) if point_name in metrics.get("thresholds", {}) else None
+    point = _operating_point(metrics)
     plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
                           title=f"Out-of-fold, threshold {threshold:g}\n{name}")
     histories = {}
-    curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
     for fold, part in oof.groupby("fold"):
         fold_dir = run_dir / f"fold{fold}"
         plot_confusion_matrix(part["label"], part["prob"], fold_dir / "confusion_matrix.png", threshold,
                               title=f"Fold {fold} validation\n{name}")
         written.append(fold_dir / "confusion_matrix.png")
-        curves[f"fold {fold}"] = (part["label"], part["prob"])
         if (fold_dir / "history.csv").is_file():
             histories[int(fold)] = pd.read_csv(fold_dir / "history.csv")
     best = {f["fold"]: f["best_epoch"] for f in metrics.get("folds", []) if "best_epoch" in f}
@@ -263,12 +260,16 @@ def plot_run_roc(run_dir: str | Path, path: str | Path, title: str | None = None
     """The out-of-fold ROC of a run (pooled in black, one curve per fold) with its operating point marked."""
     run_dir = Path(run_dir)
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
-    metrics = _read_json(run_dir / "metrics.json")
-    name = metrics.get("operating_point")
-    point = (name, metrics["thresholds"][name]) if name in metrics.get("thresholds", {}) else None
+    point = _operating_point(_read_json(run_dir / "metrics.json"))
     curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
     curves |= {f"fold {k}": (part["label"], part["prob"]) for k, part in oof.groupby("fold")}
     plot_roc(curves, path, title or f"ROC curve, out-of-fold\n{_figure_label(run_dir, 'trained')}", point)
+
+
+def _operating_point(metrics: dict) -> tuple[str, float] | None:
+    """``(name, threshold)`` of a run's chosen operating point, from its ``metrics.json``."""
+    name = metrics.get("operating_point")
+    return (name, metrics["thresholds"][name]) if name in metrics.get("thresholds", {}) else None
 
 
 def _read_json(path: Path) -> dict:
