@@ -70,14 +70,14 @@ common=(data=kaggle "data.root=$data" "model.name=$model" model.pretrained=false
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 rm -f "$out"/{summary.txt,benchmark.json,benchmark_device.json,protocol_metrics.json,gpu_tests.log}  # no stale results
 t0=$(date +%s)
-"$py" -m melanoma.synthetic "$data" --n-train "$n_train" --n-test "$n_test" --size "$size"
+"$py" -m melanoma.cli.synth "$data" --n-train "$n_train" --n-test "$n_test" --size "$size"
 t1=$(date +%s)
 note "data: $n_train + $n_test JPEGs at ${size}px in $((t1 - t0)) s"
 
 # Each timed step is guarded: a failure is noted and the later steps (and the tests) still run.
 bench() {  # bench NAME OVERRIDES...: one melanoma-bench run into $out/NAME.json
   local name=$1; shift
-  if "$py" -m melanoma.bench "${common[@]}" "bench.steps=$steps" "hydra.run.dir=$work/$name" "$@" 2>&1 \
+  if "$py" -m melanoma.cli.bench "${common[@]}" "bench.steps=$steps" "hydra.run.dir=$work/$name" "$@" 2>&1 \
        | tee "$out/$name.log"; then
     cp "$work/$name/benchmark.json" "$out/$name.json"
   else
@@ -104,7 +104,7 @@ on_device=$(tail -n 1 "$work/rates.txt")
 note "the protocol runs with augmentation.on_device=$on_device (the faster training loop in the benchmarks; false if unknown)"
 t2=$(date +%s)
 
-if "$py" -m melanoma.train recipe=seed "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
+if "$py" -m melanoma.cli.train recipe=seed "${common[@]}" "trainer.epochs=$epochs" cv.folds=3 data.cache=memory \
      "augmentation.on_device=$on_device" "hydra.run.dir=$work/protocol-$t2" 2>&1 | tee "$out/protocol.log"; then
   cp "$work/protocol-$t2/metrics.json" "$out/protocol_metrics.json"
   result="full protocol (3 folds x $epochs epochs, $model, ${image}px, data loading included): $(($(date +%s) - t2)) s"

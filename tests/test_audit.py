@@ -14,7 +14,7 @@ from PIL import Image
 
 import melanoma.audit as audit
 from melanoma.audit import audit_records, leaked_test_paths, near_duplicate_pairs
-from melanoma.audit_cli import run_audit
+from melanoma.cli.audit import run_audit
 from melanoma.data import load_records
 from melanoma.folds import make_folds
 from melanoma.synthetic import render_lesion

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from melanoma.bench import run_benchmark
+from melanoma.cli.bench import run_benchmark
 from melanoma.errors import ConfigError
 
 from conftest import make_config

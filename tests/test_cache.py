@@ -16,7 +16,7 @@ from melanoma.errors import ConfigError
 from melanoma.transforms import build_transforms, eval_resize
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SIZE, CROP = 40, 0.875
+SIZE, CROP = 40, 0.86  # the cache edge: floor(40 / 0.86) = 46 px, from 48 px sources
 EDGE = eval_resize(SIZE, CROP)
 
 
@@ -121,7 +121,7 @@ def test_bad_settings_name_the_key(images: list[str], tmp_path: Path) -> None:
 
 def test_training_from_the_cache_repeats_training_from_files(tiny_data: Path, tmp_path: Path) -> None:
     """Without random augmentation the cached pipeline feeds the very same tensors: same run, same numbers."""
-    from melanoma.train import train
+    from melanoma.cli.train import train
 
     from conftest import TINY, make_config
 

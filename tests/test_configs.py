@@ -25,7 +25,7 @@ DOCUMENTED_KEYS = ["data.root", "data.image_size", "data.batch_size", "data.num_
 
 def test_groups_are_the_documented_ones() -> None:
     assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "hydra", "model",
-                           "optimizer", "recipe", "scheduler", "trainer"}
+                           "optimizer", "recipe", "runtime", "scheduler", "trainer"}
     assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2", "efficientnet_b0",
                                                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     assert {o for g, o in OPTIONS if g == "recipe"} == {"finetune", "seed"}
@@ -132,3 +132,14 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     assert {f"{demo}/manifest.csv", f"{demo}/ATTRIBUTION.txt"} <= names
     assert sum(n.startswith(f"{demo}/images/") and n.endswith(".jpg") for n in names) == 557
     assert {"melanoma/configs/hydra/launcher/slurm.yaml", "melanoma/configs/hydra/launcher/parallel.yaml"} <= names
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "explain", "audit", "bench"])
+def test_help_starts_with_what_the_command_does(command: str) -> None:
+    exe = Path(sys.executable).with_name(f"melanoma-{command}")
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-1000:]
+    text = result.stdout
+    assert text.startswith(f"melanoma-{command}: ") and "powered by Hydra" not in text
+    assert text.index("Examples:") < text.index("== Configuration groups ==") < text.index("== Config ==")
+    assert text.count(f"melanoma-{command} ") >= 2  # at least two example command lines

@@ -38,12 +38,18 @@ def test_a_nan_loss_names_the_step_and_the_fixes() -> None:
         train_one_epoch(model, loader, opt, _NaNOnSecondBatch(), rt, rt.grad_scaler(), where="fold 2, epoch 5")
 
 
-def test_skip_nonfinite_skips_only_the_bad_batch() -> None:
+def test_skip_nonfinite_skips_only_the_bad_batch(caplog: pytest.LogCaptureFixture) -> None:
     model, loader, opt = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
     rt = resolve_runtime("cpu", "fp32")
-    loss = train_one_epoch(model, loader, opt, _NaNOnSecondBatch(), rt, rt.grad_scaler(), skip_nonfinite=True)
-    assert torch.isfinite(torch.tensor(loss))
+    updates = []
+    loss = train_one_epoch(model, loader, opt, _NaNOnSecondBatch(), rt, rt.grad_scaler(), skip_nonfinite=True,
+                           on_update=lambda: updates.append(1))
+    assert len(updates) == 3  # 4 batches, the second skipped: an all-skipped epoch would fail here
+    assert "skipped 1 batch(es) with a non-finite loss" in caplog.text
+    assert torch.isfinite(torch.tensor(loss)) and loss > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it did learn
 
 
 def test_checkpoints_hold_the_plain_model_under_compile() -> None:

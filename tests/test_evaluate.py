@@ -18,13 +18,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from melanoma.checkpoint import load_checkpoint
+from melanoma.cli.evaluate import evaluate_run
+from melanoma.cli.predict import predict_images
+from melanoma.cli.train import train
 from melanoma.errors import WeightsError
-from melanoma.evaluate import evaluate_run
 from melanoma.inference import load_ensemble, predict_probs, tta_views
 from melanoma.metrics import choose_thresholds
-from melanoma.predict import predict_images
 from melanoma.runtime import resolve_runtime
-from melanoma.train import train
 
 from conftest import TINY, make_config
 

@@ -14,10 +14,11 @@ from PIL import Image
 from timm.models.resnet import Bottleneck, ResNet
 
 from melanoma.checkpoint import load_checkpoint
+from melanoma.cli.explain import explain_run
+from melanoma.cli.train import train
 from melanoma.errors import ConfigError, DataError
-from melanoma.explain import default_out, explain, explain_run, grad_cam, select_images, target_layer, target_layer_name
+from melanoma.gradcam import default_out, explain, grad_cam, select_images, target_layer, target_layer_name
 from melanoma.runtime import resolve_runtime
-from melanoma.train import train
 
 from conftest import TINY, make_config
 
@@ -56,6 +57,34 @@ def test_grad_cam_is_an_image_sized_map_from_the_family_layer(family: str) -> No
     spread = both.std(axis=(1, 2)).reshape(2, 2)
     assert (spread.max(axis=0) > 0.01).all()
     assert any(np.array_equal(own[i], both[i + 2 * k]) for i in range(2) for k in range(2))
+
+
+class _BrightSpotDetector(torch.nn.Module):
+    """Logit = mean brightness of the first channel, through one conv feature map Grad-CAM can weigh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 2, 1, bias=False)
+        self.head = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.features.weight.zero_()
+            self.features.weight[:, 0] = 1.0  # both channels see the red channel
+            self.head.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.features(x)).mean((2, 3)))
+
+
+def test_grad_cam_lights_up_the_evidence_for_the_explained_class() -> None:
+    model = _BrightSpotDetector().eval()
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, 0, 4:20, 40:56] = 1.0  # a bright patch in the top-right corner raises the malignant logit
+    malignant, benign = grad_cam(model, image.repeat(2, 1, 1, 1), [1, 0], layer=model.features)
+    inside = np.zeros((64, 64), bool)
+    inside[4:20, 40:56] = True
+    assert malignant[inside].mean() > 0.95 and malignant[~inside].max() < 0.05  # the patch, and only it
+    assert malignant.max() == pytest.approx(1.0)
+    assert benign.max() == 0  # nothing in the image is evidence against malignancy: an empty map
 
 
 def test_a_token_model_is_refused_with_the_way_out() -> None:
@@ -100,6 +129,10 @@ def test_input_images_have_unknown_labels(run_dir: Path, tiny_data: Path, tmp_pa
     assert default_out(ckpt) == default_out(run_dir) == run_dir / "explain"
     table = explain(ckpt, CPU, input=folder, n=2, threshold=0.5, out=tmp_path / "out")
     assert len(table) == 4 and table["label"].isna().all() and (table["pred"] == (table["prob"] >= 0.5)).all()
+    assert table["path"].is_unique and all(Path(p).parent == folder for p in table["path"])  # 2n of the 10
+    again = explain(ckpt, CPU, input=folder, n=2, threshold=0.5, out=tmp_path / "again")
+    assert again["path"].tolist() == table["path"].tolist()  # drawn reproducibly from seed=0
+    assert np.allclose(again["prob"], table["prob"])
     written = pd.read_csv(tmp_path / "out" / "explain.csv")
     assert written["path"].tolist() == table["path"].tolist() and written["label"].isna().all()
     Image.open(tmp_path / "out" / "activation_maps.png").verify()

@@ -13,22 +13,23 @@ import pytest
 import timm
 import torch
 
+from melanoma.cli.evaluate import evaluate_run
+from melanoma.cli.train import train
 from melanoma.engine import make_loss, train_one_epoch
-from melanoma.evaluate import evaluate_run
 from melanoma.optim import create_optimizer
 from melanoma.runtime import Runtime, resolve_runtime
-from melanoma.train import train
-from melanoma.transforms import build_pipeline
 
-from conftest import TINY, make_config
-from test_transforms import (
+from conftest import (
     ONE_STEP,
     SEED_RECIPE,
-    _augmented,
-    _image,
-    _same_moments,
-    _structured,
+    TINY,
     assert_same_distribution,
+    augmented,
+    make_config,
+    make_pipeline,
+    noise_image,
+    same_moments,
+    structured_image,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
@@ -76,9 +77,9 @@ def test_compiled_model_learns_and_checkpoints_plainly() -> None:
 
 
 def test_device_augmentation_on_the_gpu_matches_the_cpu_recipe() -> None:
-    cpu, device = (build_pipeline(32, (0, 0, 0), (1, 1, 1), on_device=d, **SEED_RECIPE) for d in (False, True))
-    a = _augmented(cpu, _image(), 1024, seed=0)
-    b = _augmented(device, _image(), 1024, seed=1, device="cuda")
+    cpu, device = (make_pipeline(32, (0, 0, 0), (1, 1, 1), on_device=d, **SEED_RECIPE) for d in (False, True))
+    a = augmented(cpu, noise_image(), 1024, seed=0)
+    b = augmented(device, noise_image(), 1024, seed=1, device="cuda")
     assert b.device.type == "cuda" and b.dtype == torch.float32 and b.shape == a.shape
     assert_same_distribution(a, b.cpu())
 
@@ -86,9 +87,9 @@ def test_device_augmentation_on_the_gpu_matches_the_cpu_recipe() -> None:
 @pytest.mark.parametrize("step", ONE_STEP)
 def test_each_step_on_the_gpu_draws_like_its_cpu_twin(step: str) -> None:
     recipe = {"scale": (1.0, 1.0), "hflip": 0.0} | ONE_STEP[step]
-    cpu, device = (build_pipeline(32, (0, 0, 0), (1, 1, 1), on_device=d, **recipe) for d in (False, True))
-    b = _augmented(device, _structured(), 1024, seed=1, device="cuda")
-    assert b.device.type == "cuda" and _same_moments(_augmented(cpu, _structured(), 1024, seed=0), b.cpu())
+    cpu, device = (make_pipeline(32, (0, 0, 0), (1, 1, 1), on_device=d, **recipe) for d in (False, True))
+    b = augmented(device, structured_image(), 1024, seed=1, device="cuda")
+    assert b.device.type == "cuda" and same_moments(augmented(cpu, structured_image(), 1024, seed=0), b.cpu())
 
 
 def test_a_gpu_trained_run_evaluates_on_the_cpu(tiny_data: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from melanoma import models
 from melanoma.errors import ConfigError, WeightsError
-from melanoma.models import LITE_PACKAGES, create_model, load_weights, map_lite_state_dict, model_normalization
+from melanoma.models import LITE_PACKAGES, create_model, load_weights, map_lite_state_dict, model_data_config
 
 
 def test_one_logit_head_and_drop_rate() -> None:
@@ -109,7 +109,8 @@ def test_lite0_package_weights_load_into_timm_lite0() -> None:
     state = model.state_dict()
     assert torch.equal(state["conv_stem.weight"], source["_conv_stem.weight"])
     assert torch.equal(state["bn2.running_var"], source["_bn1.running_var"])
-    assert model_normalization(model) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    config = model_data_config(model)
+    assert (config["mean"], config["std"], config["interpolation"]) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
     full = create_model("tf_efficientnet_lite0", weights="lite0-package", num_classes=1000).eval()
     assert torch.equal(full.state_dict()["classifier.weight"], source["_fc.weight"])
     with torch.inference_mode():  # ImageNet weights give confident, varied predictions on structure

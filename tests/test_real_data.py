@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from melanoma.checkpoint import load_checkpoint
-from melanoma.configs import DEMO_DATA
-from melanoma.evaluate import evaluate_run
-from melanoma.train import train
+from melanoma.cli.evaluate import evaluate_run
+from melanoma.cli.train import train
+from melanoma.data import DEMO_DATA
 
 from conftest import TINY, make_config
 

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 from pypdf import PdfReader
 
-from melanoma.evaluate import evaluate_run
-from melanoma.report import CV_METRICS, main, write_report
+from melanoma.cli.evaluate import evaluate_run
+from melanoma.cli.report import main, write_report
+from melanoma.reporting.tables import CV_METRICS
 
 from conftest import TINY, make_config
 
@@ -148,6 +149,23 @@ def test_cli_defaults_to_the_sweep_and_embeds_activation_maps(runs: Path, capsys
     assert len(pd.read_csv(sweep / "results.csv")) == 4
     for name in ("sample_augmented", "loss_curve", "roc_curve", "confusion_matrix", "activation_map"):
         Image.open(runs / "assets" / f"{name}.png").verify()
+
+
+def test_a_run_directory_alone_redraws_every_figure_and_the_report(runs: Path, tmp_path: Path) -> None:
+    alone = shutil.copytree(runs / "sweep" / "1", tmp_path / "alone")
+    shutil.rmtree(alone / ".hydra")  # no Hydra files, no checkpoints, no figures: only the run's records
+    for path in [*alone.rglob("*.pt"), *alone.rglob("*.png")]:
+        path.unlink()
+    report = write_report([str(alone)], tmp_path / "out", figures=tmp_path / "figures")
+    assert {s.path for s in report.skipped} == {"heat map", "activation maps", str(tmp_path / "figures" /
+                                                                                  "activation_map.png")}
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert (table.loc[0, "lr"], table.loc[0, "batch_size"]) == (0.01, 16)  # job 1 of the sweep, from config.yaml
+    for name in ("sample_augmented", "loss_curve", "roc_curve", "confusion_matrix"):
+        Image.open(tmp_path / "figures" / f"{name}.png").verify()
+    reader = PdfReader(tmp_path / "out" / "report.pdf")
+    assert len(reader.pages) == FIXED_PAGES - 2 + 2  # no heat map, skipped on the title page; one run
+    assert "config.yaml" in reader.pages[-1].extract_text() and "lr: 0.01" in reader.pages[-1].extract_text()
 
 
 def test_no_runs_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -91,7 +91,7 @@ def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Pa
 def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_data: Path, tmp_path: Path) -> None:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     run = tmp_path / "ddp"
-    result = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "melanoma.train", f"data.root={tiny_data}",
+    result = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "melanoma.cli.train", f"data.root={tiny_data}",
                              *TINY, "trainer.epochs=1", f"hydra.run.dir={run}", "data.cache=disk",
                              f"data.cache_dir={tmp_path / 'decoded'}"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)

@@ -12,13 +12,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-import melanoma.train as train_module
+import melanoma.crossval as crossval
 from melanoma.checkpoint import load_checkpoint
+from melanoma.cli.train import train
 from melanoma.errors import DataError
 from melanoma.metrics import METRICS
-from melanoma.train import train
 
 from conftest import TINY, make_config
 
@@ -64,6 +65,24 @@ def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -
         assert math.isfinite(on_disk["oof"][key])
 
 
+def test_the_run_records_its_resolved_config_and_preprocessing(tiny_run: tuple[Path, dict], tiny_data: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir, _ = tiny_run
+    text = (run_dir / "config.yaml").read_text()
+    assert "${" not in text  # every interpolation resolved when it trained
+    config = yaml.safe_load(text)
+    assert config["data"]["root"] == str(tiny_data) and config["cv"]["seed"] == config["seed"] == 42
+    assert config["data"]["cache_dir"].endswith("/decoded") and not config["data"]["cache_dir"].startswith("~")
+    assert config == load_checkpoint(run_dir / "fold0" / "best.pt")["config"]
+    monkeypatch.setenv("MELANOMA_CACHE", "/elsewhere")  # the reader's environment changes nothing
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config
+    preprocess = json.loads((run_dir / "preprocess.json").read_text())
+    # test_efficientnet's own timm preprocessing: crop 0.95, bicubic, ImageNet statistics
+    assert preprocess == {"image_size": 32, "resize": 33, "crop_pct": 0.95, "interpolation": "bicubic",
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert load_checkpoint(run_dir / "fold2" / "best.pt")["preprocess"] == preprocess
+
+
 def test_learns_above_chance(tiny_run: tuple[Path, dict]) -> None:
     _, metrics = tiny_run
     assert metrics["oof"]["auc"] > 0.6 and metrics["mean"]["auc"] > 0.6
@@ -72,13 +91,13 @@ def test_learns_above_chance(tiny_run: tuple[Path, dict]) -> None:
 def test_folds_never_see_their_validation_images(tiny_data: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    real_fit = train_module.fit
+    real_fit = crossval.fit
 
     def spy(model, train_loader, val_loader, *args, **kwargs):
         seen.append((set(train_loader.dataset.paths), set(val_loader.dataset.paths)))
         return real_fit(model, train_loader, val_loader, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", spy)
+    monkeypatch.setattr(crossval, "fit", spy)
     _train(tiny_data, tmp_path, "trainer.epochs=1")
     assert len(seen) == 3
     everything = set().union(*(t | v for t, v in seen))
@@ -91,14 +110,14 @@ def test_folds_never_see_their_validation_images(tiny_data: Path, tmp_path: Path
 def test_augmentation_on_device_feeds_uint8_crops_and_stays_reproducible(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    real_fit = train_module.fit
+    real_fit = crossval.fit
 
     def spy(model, train_loader, *args, **kwargs):
         images, _ = next(iter(train_loader))
         seen.append((images.dtype, kwargs["device_transform"]))
         return real_fit(model, train_loader, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", spy)
+    monkeypatch.setattr(crossval, "fit", spy)
     runs = [_train(tiny_data, tmp_path / r, "augmentation.on_device=true", "trainer.epochs=1", "cv.folds=2")
             for r in "ab"]
     assert runs[0] == runs[1] and math.isfinite(runs[0]["oof"]["auc"])  # kornia draws from the seeded generators

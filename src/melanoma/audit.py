@@ -35,7 +35,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from melanoma.checkpoint import atomic_path
-from melanoma.data import load_image
+from melanoma.data import file_digest, load_image
 
 HASH_VERSION = 1
 _GRID, _KEEP = 32, 12  # hash the lowest 12x12 DCT frequencies of a 32x32 image, DC left out
@@ -82,10 +82,6 @@ def _hash_file(path: str) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
 
 
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | None = None) -> pd.DataFrame:
     """Content hash, size, mode and perceptual hashes of every file, using and filling the cache.
 
@@ -98,7 +94,7 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     except ValueError:  # a damaged cache is rebuilt, never trusted
         cache = {}
-    shas = [_sha256(p) for p in paths]
+    shas = [file_digest(p) for p in paths]
     todo = sorted({s: p for s, p in zip(shas, paths, strict=True) if s not in cache}.items())
     if todo:
         workers = workers or os.cpu_count() or 1
@@ -203,7 +199,7 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
     })
     out["crosses_split"] = out["split_a"] != out["split_b"]
     out["label_conflict"] = out["label_a"] != out["label_b"]
-    summary = _summarise(images, out, threshold, classes)
+    summary = _audit_summary(images, out, threshold, classes)
     return images, out, summary
 
 
@@ -221,7 +217,7 @@ def leaked_test_paths(pairs: pd.DataFrame) -> set[str]:
     return set(cross.loc[cross["split_a"] == "test", "path_a"]) | set(cross.loc[cross["split_b"] == "test", "path_b"])
 
 
-def _summarise(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int, classes: tuple[str, str]) -> dict:
+def _audit_summary(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int, classes: tuple[str, str]) -> dict:
     counts = {split: {classes[label]: int(c) for label, c in part.groupby("label").size().items()}
               for split, part in images.groupby("split")}
     readable = images[images["error"].isna()]
@@ -255,3 +251,21 @@ def summary_line(summary: dict) -> str:
             if share is not None else "no test split")
     return (f"{leak}; {summary['label_conflicts']} label conflicts; {summary['exact_duplicate_pairs']} exact and "
             f"{summary['near_duplicate_pairs']} near-duplicate pairs; {len(summary['unreadable'])} unreadable files")
+
+
+def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None) -> set[str]:
+    """Scored images that have an exact or near duplicate among a run's training images.
+
+    Args:
+        train: the run's training records (``path, label``).
+        scored: the images being evaluated (``path, label``).
+        threshold: pHash Hamming distance of a near duplicate (``audit.threshold``).
+        workers: hashing processes.
+    """
+    scored_paths = set(scored["path"])
+    if train.empty:
+        return set()
+    both = pd.concat([train.assign(split="train"),
+                      scored.assign(split="test")[~scored["path"].isin(set(train["path"]))]], ignore_index=True)
+    _, pairs, _ = audit_records(both, threshold, workers=workers)
+    return leaked_test_paths(pairs) & scored_paths

@@ -29,38 +29,31 @@ from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from melanoma.checkpoint import atomic_path
-from melanoma.data import load_image, usable_cores
+from melanoma.data import file_digest, load_image, usable_cores
 from melanoma.errors import ConfigError
+from melanoma.transforms import interpolation_mode
 
 log = logging.getLogger(__name__)
 CacheMode = Literal["none", "memory", "disk"]
-FORMAT = 1  # bump when the stored layout or the decoding changes: old caches are then not read
-_CHUNK = 1 << 20
+FORMAT = 2  # bump when the stored layout or the decoding changes: old caches are then not read
 
 
-def file_digest(path: str | Path) -> str:
-    """BLAKE2b hex digest of a file's bytes (what identifies an image, whatever its name or date)."""
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def decode_resized(path: str | Path, edge: int) -> torch.Tensor:
+def decode_resized(path: str | Path, edge: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Read an image as uint8 CHW with its short side resized to ``edge`` (antialiased).
 
     This is the first step of the evaluation transform (``v2.Resize(edge)`` after
-    ``v2.ToImage``), so resizing a cached image to ``edge`` again is a no-op.
+    ``v2.ToImage``, with the same interpolation), so resizing a cached image to ``edge`` again is a no-op.
     """
     image = v2.functional.to_image(load_image(path))
-    return F.resize(image, [edge], antialias=True).as_subclass(torch.Tensor).contiguous()
+    return F.resize(image, [edge], interpolation=interpolation_mode(interpolation),
+                    antialias=True).as_subclass(torch.Tensor).contiguous()
 
 
-def cache_key(digests: Sequence[str], edge: int) -> str:
-    """The name of a cache: a hash of the format, the resize edge and every image's content, in order."""
+def cache_key(digests: Sequence[str], edge: int, interpolation: str = "bilinear") -> str:
+    """The name of a cache: a hash of the format, the resize and every image's content, in order."""
     # The decoders' versions too: a cache folder shared between machines must not mix their pixels.
-    text = json.dumps({"format": FORMAT, "edge": edge, "antialias": True, "pillow": PIL.__version__,
+    text = json.dumps({"format": FORMAT, "edge": edge, "interpolation": interpolation, "antialias": True,
+                       "pillow": PIL.__version__,
                        "torchvision": torchvision.__version__, "images": list(digests)})
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -101,11 +94,6 @@ class DecodedImages:
         flat = self._map[start:start + int(np.prod(shape))]
         return torch.from_numpy(np.array(flat).reshape(shape))  # a copy: writable, independent of the map
 
-    @property
-    def nbytes(self) -> int:
-        """Size of the decoded pixels."""
-        return int(np.prod(self.shapes, axis=1).sum())
-
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_map"] = None  # a worker maps the file itself
@@ -117,23 +105,27 @@ def _digests(paths: Sequence[str], workers: int) -> list[str]:
         return list(pool.map(file_digest, paths))
 
 
-def _decode_all(paths: Sequence[str], edge: int, workers: int):
+def _decode_all(paths: Sequence[str], edge: int, interpolation: str, workers: int):
     """Decoded images in order, decoded by ``workers`` threads (PIL and torch release the GIL)."""
     with ThreadPoolExecutor(workers) as pool:
-        yield from tqdm(pool.map(lambda p: decode_resized(p, edge).numpy(), paths), total=len(paths),
+        yield from tqdm(pool.map(lambda p: decode_resized(p, edge, interpolation).numpy(), paths), total=len(paths),
                         desc="decoding once", leave=False, disable=None, dynamic_ncols=True)
 
 
-def build_cache(paths: Sequence[str], edge: int, mode: CacheMode, cache_dir: str | Path | None = None,
+def build_cache(paths: Sequence[str], edge: int, cache: CacheMode, cache_dir: str | Path | None = None,
+                interpolation: str = "bilinear", digests: Sequence[str] | None = None,
                 workers: int | None = None) -> DecodedImages | None:
     """Decode every image once, or map the disk cache a previous run left.
 
     Args:
         paths: the images, each decoded once even if folds reuse it.
-        edge: short side after resizing; use :func:`melanoma.transforms.eval_resize` for
+        edge: short side after resizing; use the evaluation resize (``Preprocess.resize``) for
             bit-identical evaluation tensors.
-        mode: ``none`` (no cache: return ``None``), ``memory`` or ``disk``.
+        cache: ``none`` (no cache: return ``None``), ``memory`` or ``disk``.
         cache_dir: folder of disk caches (``disk`` only); created if missing.
+        interpolation: resampling of the resize, the evaluation transform's.
+        digests: each path's :func:`melanoma.data.file_digest`, when the audit already read them
+            (``disk`` only; computed here otherwise).
         workers: decoding threads (default: the usable cores).
 
     Returns:
@@ -142,18 +134,20 @@ def build_cache(paths: Sequence[str], edge: int, mode: CacheMode, cache_dir: str
     Raises:
         ConfigError: unknown mode, a non-positive edge, or no ``cache_dir`` for a disk cache.
     """
-    if mode not in ("none", "memory", "disk"):
-        raise ConfigError(f"data.cache={mode!r} is not one of none, memory, disk")
-    if mode == "none":
+    if cache not in ("none", "memory", "disk"):
+        raise ConfigError(f"data.cache={cache!r} is not one of none, memory, disk")
+    if cache == "none":
         return None
     if not isinstance(edge, int) or edge < 1:
         raise ConfigError(f"data.cache_edge={edge!r} must be a positive integer (or null for the eval resize)")
     workers = workers or usable_cores()
-    if mode == "memory":  # lives as long as this run: no name to look up, so no content hashing
-        arrays = list(_decode_all(paths, edge, workers))
+    if cache == "memory":  # lives as long as this run: no name to look up, so no content hashing
+        arrays = list(_decode_all(paths, edge, interpolation, workers))
         shapes = np.array([a.shape for a in arrays], dtype=np.int64).reshape(-1, 3)
         return DecodedImages(paths, edge, "", shapes, np.zeros(len(arrays), np.int64), arrays=arrays)
-    key = cache_key(_digests(paths, workers), edge)
+    if digests is None or len(digests) != len(paths):
+        digests = _digests(paths, workers)
+    key = cache_key(digests, edge, interpolation)
     if cache_dir is None:
         raise ConfigError("data.cache=disk needs data.cache_dir=FOLDER")
     folder = Path(cache_dir).expanduser()
@@ -170,7 +164,7 @@ def build_cache(paths: Sequence[str], edge: int, mode: CacheMode, cache_dir: str
         return DecodedImages(paths, edge, key, shapes, offsets, file=pixels)
     shapes, offsets, offset = [], [], 0
     with atomic_path(pixels) as tmp, open(tmp, "wb") as f:
-        for array in _decode_all(paths, edge, workers):
+        for array in _decode_all(paths, edge, interpolation, workers):
             f.write(array.tobytes())
             shapes.append(array.shape)
             offsets.append(offset)

@@ -17,10 +17,13 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 
 from melanoma.errors import WeightsError
 
 FORMAT_VERSION = 1
+CONFIG = "config.yaml"  # a run's config, every interpolation resolved when it trained
+PREPROCESS = "preprocess.json"  # how the run's models turn an image into a tensor (transforms.Preprocess)
 
 
 @contextlib.contextmanager
@@ -42,6 +45,12 @@ def write_json(obj: Any, path: str | Path) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_yaml(obj: Any, path: str | Path) -> None:
+    """Write plain containers as YAML in their own key order, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(obj, sort_keys=False))
 
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> None:

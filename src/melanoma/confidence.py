@@ -73,7 +73,7 @@ def stratified_resamples(labels: np.ndarray, n_resamples: int, seed: int) -> np.
     return np.concatenate(columns, axis=1)
 
 
-def _summarise(point: float, samples: np.ndarray, level: float) -> dict:
+def _interval(point: float, samples: np.ndarray, level: float) -> dict:
     """Point estimate and its bias-corrected percentile interval.
 
     Plain percentiles fail for biased statistics such as the ECE, whose resamples mostly lie
@@ -122,7 +122,7 @@ def metrics_with_ci(labels: Sequence[int], probs: Sequence[float], thresholds: M
         point = ranking_point | _at_threshold(y[None], p[None], threshold, prevalence)
         boot = ranking_boot | _at_threshold(yb, pb, threshold, prevalence)
         out[name] = {"threshold": float(threshold),
-                     "metrics": {k: _summarise(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS,
+                     "metrics": {k: _interval(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS,
                                                                                        *RANKING_METRICS)}}
     missing = sorted({k for block in out.values() for k, v in block["metrics"].items() if v["value"] is None})
     if missing:
@@ -130,3 +130,16 @@ def metrics_with_ci(labels: Sequence[int], probs: Sequence[float], thresholds: M
                   if len(set(y.tolist())) < 2 else "undefined at some threshold (no positive predictions)")
         out["unavailable"] = dict.fromkeys(missing, reason)
     return out
+
+
+def held_promises(results: dict, ensemble_oof: dict) -> dict:
+    """What each OOF-chosen operating point promised, beside what it reached on the scored images.
+
+    Returns:
+        ``{name: {"oof": {"sensitivity", "specificity"}, "test": {"sensitivity", "specificity"}}}``,
+        the test values with their bootstrap CIs, for every point that training measured.
+    """
+    keys = ("sensitivity", "specificity")
+    return {name: {"oof": {k: ensemble_oof[name].get(k) for k in keys},
+                   "test": {k: results[name]["metrics"][k] for k in keys}}
+            for name in results if name in ensemble_oof}

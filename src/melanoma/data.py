@@ -6,6 +6,7 @@ training and evaluation never care where the images came from.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -20,12 +21,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from melanoma.errors import ConfigError, DataError
+from melanoma.synthetic import generate_dataset
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["kaggle", "folder", "csv"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "test")
+# Real demo sets shipped inside the package (data=demo reads isic-uda1), wherever melanoma is installed.
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -127,7 +131,7 @@ def load_records(
         raise ConfigError(f"data.layout={layout!r} is not one of kaggle, folder, csv")
     if root is None or not Path(root).expanduser().is_dir():
         raise DataError(f"data.root={root} is not a folder; set data.root=PATH to the dataset, "
-                        "or try the built-in synthetic set with data=demo")
+                        "or try the real demo set shipped with melanoma: data=demo")
     root = Path(root).expanduser()
     if layout == "folder":
         rows = _class_folders(root, classes, "train", strict)
@@ -157,6 +161,84 @@ def split_records(records: pd.DataFrame, split: str, classes: tuple[str, str]) -
         raise DataError(f"the {split} split holds only {classes[present[0]]!r} images ({len(part)}); "
                         f"both {classes[0]!r} and {classes[1]!r} are needed")
     return part
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes: what identifies an image, whatever its name or date.
+
+    The audit and the disk cache both name images by it, so a run reads each file's bytes once for both.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_images(input_path: str | Path) -> list[str]:
+    """One image file, or every image below a folder (recursively, sorted, stray files left out).
+
+    Raises:
+        DataError: the path does not exist or holds no images.
+    """
+    path = Path(input_path).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise DataError(f"input={path} does not exist; point it at an image or a folder of images")
+    found = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise DataError(f"input={path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def load_eval_set(data: Mapping, split: str,
+                  split_key: str = "eval.split") -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The labelled images to score, with unreadable files handled by ``data["on_bad_file"]``.
+
+    A split with a single class is returned as is: metrics that need both classes are then
+    reported as unavailable rather than failing the evaluation.
+
+    Args:
+        data: a run's data settings (``layout``, ``root``, ``classes``, ``manifest``, ``on_bad_file``,
+            ``synthetic``), as its config records them.
+        split: ``test``, ``train`` or ``all``.
+        split_key: the config key that error messages name (``eval.split`` for melanoma-eval,
+            ``split`` for melanoma-explain).
+
+    Returns:
+        ``(images to score, skipped (path, reason))``.
+
+    Raises:
+        ConfigError: an unknown split.
+        DataError: the split is empty or none of its images can be read.
+    """
+    if split not in ("test", "train", "all"):
+        raise ConfigError(f"{split_key}={split!r} is not one of test, train, all")
+    if data.get("synthetic"):
+        generate_dataset(data["root"], **data["synthetic"])
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
+    if data["layout"] != "folder" and split != "all":
+        records = records[records["split"] == split]
+    if records.empty:
+        raise DataError(f"the dataset at {data['root'] or data.get('manifest')} has no {split} images; "
+                        f"pass {split_key}=all to use every image")
+    bad = scan_images(records["path"].tolist(), data.get("on_bad_file") or "error")
+    records = records[~records["path"].isin({p for p, _ in bad})]
+    if records.empty:
+        raise DataError(f"none of the {split} images could be read")
+    return records[["path", "label"]].reset_index(drop=True), bad
+
+
+def training_images(data: Mapping) -> pd.DataFrame:
+    """The training split a run learned from, read again from its recorded data settings.
+
+    Raises:
+        DataError: it is no longer where the run found it.
+    """
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False)
+    return records[records["split"] == "train"]
 
 
 def load_image(path: str | Path) -> Image.Image:

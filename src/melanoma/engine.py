@@ -183,20 +183,12 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "resume"}
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    """``{"a.b": value}`` for every leaf of a nested config."""
-    out = {}
-    for key, value in config.items():
-        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return out
-
-
 _ABSENT = object()
 
 
 def _config_changes(saved: dict, now: dict, limit: int = 3) -> str:
     """The first keys whose values differ, as ``key: saved -> now``; ``(absent)`` for missing keys."""
-    before, after = _flat(saved), _flat(now)
+    before, after = (pd.json_normalize(c, sep=".").to_dict("records")[0] for c in (saved, now))
     keys = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
 
     def show(value: object) -> str:

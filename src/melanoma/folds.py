@@ -10,7 +10,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from melanoma.errors import ConfigError, DataError
 
 
-def make_folds(labels: Sequence[int], n_folds: int = 3, seed: int = 0,
+def make_folds(labels: Sequence[int], folds: int = 3, seed: int = 0,
                groups: Sequence[int] | None = None) -> np.ndarray:
     """Assign every image to one validation fold, stratified by label.
 
@@ -20,31 +20,31 @@ def make_folds(labels: Sequence[int], n_folds: int = 3, seed: int = 0,
 
     Args:
         labels: the 0/1 label of each image.
-        n_folds: number of folds (at least 2).
+        folds: number of folds (at least 2; ``cv.folds``).
         seed: shuffling seed; the same seed gives the same folds.
         groups: optional group id of each image.
 
     Returns:
-        An int array with each image's fold, ``0 .. n_folds-1``.
+        An int array with each image's fold, ``0 .. folds-1``.
 
     Raises:
-        ConfigError: ``n_folds`` is below 2.
+        ConfigError: ``folds`` is below 2.
         DataError: a class has fewer images than folds.
     """
-    if n_folds < 2:
-        raise ConfigError(f"cv.folds={n_folds} must be at least 2")
+    if folds < 2:
+        raise ConfigError(f"cv.folds={folds} must be at least 2")
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=2)
-    if counts.min() < n_folds:
+    if counts.min() < folds:
         raise DataError(f"class {int(counts.argmin())} has {counts.min()} training images, fewer than "
-                        f"cv.folds={n_folds}; add images or lower cv.folds")
+                        f"cv.folds={folds}; add images or lower cv.folds")
     if groups is None:
-        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     else:
-        if len(set(groups)) < n_folds:
-            raise DataError(f"only {len(set(groups))} distinct duplicate groups for cv.folds={n_folds}; "
+        if len(set(groups)) < folds:
+            raise DataError(f"only {len(set(groups))} distinct duplicate groups for cv.folds={folds}; "
                             "lower cv.folds or set cv.group_duplicates=false")
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.empty(len(labels), dtype=int)
     for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         fold[val_idx] = k

@@ -22,7 +22,7 @@ from melanoma.errors import ConfigError, WeightsError
 from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model
 from melanoma.runtime import Runtime
-from melanoma.transforms import build_transforms
+from melanoma.transforms import eval_transform
 
 TTA = Literal["none", "flip", "d4"]
 
@@ -153,8 +153,7 @@ def predict_paths(ensemble: Ensemble, paths: list[str], runtime: Runtime, tta: T
         An array (models x images) of probabilities of malignancy.
     """
     pre = ensemble.preprocess
-    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
-                                 crop_pct=pre["crop_pct"])
+    transform = eval_transform(pre)
     loader = make_loader(ImageDataset(paths, [0] * len(paths), transform), batch_size, train=False,
                          num_workers=resolve_num_workers(num_workers), seed=0,
                          pin_memory=runtime.device.type == "cuda")

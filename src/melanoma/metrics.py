@@ -8,7 +8,6 @@ import numpy as np
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
-    brier_score_loss,
     confusion_matrix,
     f1_score,
     precision_score,
@@ -123,20 +122,6 @@ def pauc_above_tpr(labels: Sequence[int], probs: Sequence[float], min_tpr: float
     # scikit-learn's McClish standardisation to get the raw area.
     scaled = roc_auc_score(1 - y, -p, max_fpr=max_fpr)
     return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / 0.5 * (scaled - 0.5))
-
-
-def expected_calibration_error(labels: Sequence[int], probs: Sequence[float], n_bins: int = 10) -> float:
-    """ECE of the malignancy probability: the count-weighted gap between predicted and observed
-    frequency over ``n_bins`` equal-width bins."""
-    y, p = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    gap = np.bincount(bins, weights=p, minlength=n_bins) - np.bincount(bins, weights=y, minlength=n_bins)
-    return float(np.abs(gap).sum() / len(y))
-
-
-def brier(labels: Sequence[int], probs: Sequence[float]) -> float:
-    """Brier score: mean squared error of the probability (scikit-learn's ``brier_score_loss``)."""
-    return float(brier_score_loss(np.asarray(labels, dtype=int), np.asarray(probs, dtype=float), pos_label=1))
 
 
 def predictive_values(sensitivity, specificity, prevalence: float):

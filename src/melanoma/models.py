@@ -104,24 +104,17 @@ def map_lite_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file that holds one, or a checkpoint with it under model/state_dict."""
+    """A state dict from a file that holds one, or a checkpoint with it under state_dict/model (EMA weights
+    first), read by timm's ``load_state_dict`` with ``weights_only=True``: a pickle's code never runs."""
     if not path.is_file():
         raise WeightsError(f"model.weights={path} does not exist; point it at a local state dict "
                            f"(.pt/.pth/.safetensors), or use lite0-package or model.pretrained=false")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors, truncation, code-carrying pickles
+        obj = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as exc:  # unpickling errors, truncation, code-carrying pickles, no dict at all
         raise WeightsError(f"model.weights={path} cannot be loaded as plain tensors "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"model.weights={path} holds no state dict of tensors")
     return obj
 
@@ -236,7 +229,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
                        "from random init")
 
 
-def model_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std the model's weights expect, from its timm pretrained config."""
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return tuple(cfg["mean"]), tuple(cfg["std"])
+def model_data_config(model: nn.Module) -> dict:
+    """The preprocessing the model's weights expect (mean, std, crop_pct, interpolation, ...): timm's
+    ``resolve_data_config`` of its pretrained config."""
+    return timm.data.resolve_data_config({}, model=model)

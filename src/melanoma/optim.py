@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,6 +27,27 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULERS = ("none", "cosine", "warmup_cosine")
 _CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "momentum": torch.optim.SGD}
+
+
+@dataclass
+class OptimizerSettings:
+    """The ``optimizer`` config group, spelled like the arguments of :func:`create_optimizer`."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    layer_decay: float | None = None
+
+
+@dataclass
+class ScheduleSettings:
+    """The ``scheduler`` config group, spelled like the arguments of :func:`create_scheduler`."""
+
+    name: str = "none"
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 0.0
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,

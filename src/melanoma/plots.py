@@ -36,10 +36,23 @@ def _fold_of(name: str) -> int | None:
     return int(digits) if name.startswith("fold") and digits.isdigit() else None
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
+def save_figure(fig: Figure, path: str | Path, tight: bool = True) -> None:
+    """Write a figure atomically at 150 dpi, in the format its suffix names (png, pdf, svg).
+
+    ``tight`` applies ``tight_layout`` first; figures laid out otherwise (constrained layout, fixed
+    axes) pass ``False``.
+    """
+    path = Path(path)
+    if tight:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)
+
+
+def read_histories(run_dir: str | Path) -> dict[int, pd.DataFrame]:
+    """Each fold's ``fold{k}/history.csv`` of a run, by fold index (folds without one are left out)."""
+    paths = Path(run_dir).glob("fold*/history.csv")
+    return {int(p.parent.name[4:]): pd.read_csv(p) for p in paths if p.parent.name[4:].isdigit()}
 
 
 def plot_confusion_matrix(labels: Sequence[int], probs: Sequence[float], path: str | Path,
@@ -51,7 +64,7 @@ def plot_confusion_matrix(labels: Sequence[int], probs: Sequence[float], path: s
     ConfusionMatrixDisplay.from_predictions(labels, pred, labels=[0, 1], display_labels=list(class_names),
                                             ax=ax, cmap="Blues", colorbar=False)
     ax.set_title(title or f"Confusion matrix (threshold {threshold:g})", fontsize="medium")
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path, title: str = "Loss curves",
@@ -76,7 +89,7 @@ def plot_loss_curves(histories: Mapping[int, pd.DataFrame], path: str | Path, ti
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 def _mark_threshold(ax, labels: Sequence[int], probs: Sequence[float], operating_point: tuple[str, float]) -> None:
@@ -112,7 +125,7 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: 
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_title(title, fontsize="medium", wrap=True)
     ax.legend(fontsize="x-small", loc="lower right")
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_precision_recall(labels: Sequence[int], probs: Sequence[float], path: str | Path,
@@ -128,7 +141,7 @@ def plot_precision_recall(labels: Sequence[int], probs: Sequence[float], path: s
     ax.set_title(title, fontsize="medium", wrap=True)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", loc="lower left")
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_calibration(labels: Sequence[int], probs: Sequence[float], path: str | Path, n_bins: int = 10,
@@ -154,7 +167,7 @@ def plot_calibration(labels: Sequence[int], probs: Sequence[float], path: str | 
     ax.set_ylabel("observed fraction malignant")
     ax.set_title(title, fontsize="medium", wrap=True)
     ax.legend(fontsize="x-small", loc="upper left")
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_augmented_samples(images: Sequence, transform: Callable, mean: Sequence[float], std: Sequence[float],
@@ -194,7 +207,7 @@ def plot_augmented_samples(images: Sequence, transform: Callable, mean: Sequence
         ax.set_ylabel(name, fontsize="small")
     fig.suptitle(title, fontsize="medium")
     if path is not None:
-        _save(fig, Path(path))
+        save_figure(fig, path)
     return fig
 
 
@@ -240,16 +253,13 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     point = _operating_point(metrics)
     plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
                           title=f"Out-of-fold, threshold {threshold:g}\n{name}")
-    histories = {}
     for fold, part in oof.groupby("fold"):
         fold_dir = run_dir / f"fold{fold}"
         plot_confusion_matrix(part["label"], part["prob"], fold_dir / "confusion_matrix.png", threshold,
                               title=f"Fold {fold} validation\n{name}")
         written.append(fold_dir / "confusion_matrix.png")
-        if (fold_dir / "history.csv").is_file():
-            histories[int(fold)] = pd.read_csv(fold_dir / "history.csv")
     best = {f["fold"]: f["best_epoch"] for f in metrics.get("folds", []) if "best_epoch" in f}
-    plot_loss_curves(histories, written[1], f"Loss per fold (star: the epoch kept)\n{name}", best)
+    plot_loss_curves(read_histories(run_dir), written[1], f"Loss per fold (star: the epoch kept)\n{name}", best)
     plot_run_roc(run_dir, written[2])
     plot_calibration(oof["label"], oof["prob"], written[3], title=f"Calibration, out-of-fold\n{name}",
                      operating_point=point, name="pooled out-of-fold")
@@ -301,7 +311,7 @@ def plot_activation_maps(images: np.ndarray, maps: np.ndarray, titles: Sequence[
     """
     ncols = max(1, min(ncols, len(images)))
     nrows = -(-len(images) // ncols)
-    # Constrained layout, not _save's tight_layout: only it makes room for a colour bar shared by a grid.
+    # Constrained layout, not tight_layout: only it makes room for a colour bar shared by a grid.
     fig = Figure(figsize=(2.3 * ncols + 0.8, 2.5 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
@@ -313,6 +323,4 @@ def plot_activation_maps(images: np.ndarray, maps: np.ndarray, titles: Sequence[
     fig.colorbar(shown, ax=axes, shrink=0.8, label="activation (scaled per image)")
     if suptitle:
         fig.suptitle(suptitle, fontsize="medium", wrap=True)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)
+    save_figure(fig, path, tight=False)

@@ -65,6 +65,9 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
+RUNTIME_KEYS = ("device", "precision", "channels_last")  # the runtime config group: resolve_runtime's arguments
+
+
 def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
                     channels_last: bool = True) -> Runtime:
     """Resolve ``auto`` choices against the machine.

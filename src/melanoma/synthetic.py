@@ -12,7 +12,6 @@ so that the real loading code is what reads them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -179,25 +178,3 @@ def generate_dataset(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(root)
     return root
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``melanoma-synth ROOT``: write a synthetic set, e.g. a benchmark set of 10,605 images."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--n-train", type=int, default=600)
-    parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None)
-    args = parser.parse_args(argv)
-    try:
-        root = generate_dataset(args.root, args.n_train, args.n_test, args.size, args.seed,
-                                workers=args.workers)
-    except FileExistsError as exc:
-        parser.exit(2, f"melanoma-synth: {exc}\n")
-    print(root)
-
-
-if __name__ == "__main__":
-    main()

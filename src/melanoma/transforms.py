@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -12,6 +13,20 @@ from torchvision.transforms import v2
 from melanoma.errors import ConfigError
 
 CROP_PCT = 0.875  # timm's and torchvision's default share of the resized image kept by the centre crop
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's mode for timm's interpolation name (``bilinear``, ``bicubic``, ``nearest``).
+
+    Raises:
+        ConfigError: another name.
+    """
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"augmentation.interpolation={name!r} is not one of {', '.join(INTERPOLATIONS)} "
+                          "(or null for the model's own)")
+    return INTERPOLATIONS[name]
 
 
 class RandomRot90(nn.Module):
@@ -42,8 +57,9 @@ def eval_resize(image_size: int, crop_pct: float) -> int:
 
     The decode-once cache stores images at this edge by default, which keeps evaluation tensors
     bit-identical with and without it: resizing to the size an image already has is a no-op.
+    Floored, as timm's ``transforms_imagenet_eval`` does.
     """
-    return round(image_size / crop_pct)
+    return math.floor(image_size / crop_pct)
 
 
 def build_transforms(
@@ -54,6 +70,7 @@ def build_transforms(
     std: Sequence[float],
     augment: bool = True,
     crop_pct: float = CROP_PCT,
+    interpolation: str = "bilinear",
     scale: Sequence[float] = (0.08, 1.0),
     hflip: float = 0.5,
     vflip: float = 0.0,
@@ -77,6 +94,7 @@ def build_transforms(
         std: per-channel normalisation std.
         augment: with ``False`` the training transform equals the evaluation transform.
         crop_pct: share of the resized image kept by the evaluation centre crop.
+        interpolation: resampling of every resize (``bilinear``, ``bicubic``, ``nearest``).
         scale: area range of the random resized crop.
         hflip: probability of a horizontal flip.
         vflip: probability of a vertical flip.
@@ -91,11 +109,13 @@ def build_transforms(
     """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"augmentation.crop_pct={crop_pct} must be in (0, 1]")
+    mode = interpolation_mode(interpolation)
     steps: list = [v2.ToImage()]
     if train and augment:
-        steps.append(v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True))
+        steps.append(v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=mode, antialias=True))
     else:
-        steps += [v2.Resize(eval_resize(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)]
+        steps += [v2.Resize(eval_resize(image_size, crop_pct), interpolation=mode, antialias=True),
+                  v2.CenterCrop(image_size)]
     if train and on_device:  # only what needs the whole, variably sized image stays on the CPU
         return v2.Compose([*steps, v2.ToPureTensor()])
     if train and augment:
@@ -168,6 +188,53 @@ def build_device_transform(
     return nn.Sequential(*steps)
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model's input is made from an image: what a run records in ``preprocess.json`` and its checkpoints.
+
+    Attributes:
+        image_size: edge of the square tensor the model sees.
+        resize: short side the evaluation transform resizes to (``floor(image_size / crop_pct)``).
+        crop_pct: share of the resized image kept by the centre crop.
+        interpolation: resampling of every resize.
+        mean, std: per-channel normalisation (in [0, 1] units).
+    """
+
+    image_size: int
+    resize: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        """Plain values (lists, not tuples) for JSON and ``weights_only`` checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def resolve_preprocess(image_size: int, model_config: dict, *, mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None, crop_pct: float | None = None,
+                       interpolation: str | None = None) -> Preprocess:
+    """The model's own preprocessing (timm's ``resolve_data_config``), with the config's non-null values on top.
+
+    Args:
+        image_size: edge of the square input (``data.image_size``; the model's default size is not used).
+        model_config: ``timm.data.resolve_data_config({}, model=model)`` of the model.
+        mean, std, crop_pct, interpolation: overrides (``augmentation.*``); ``None`` keeps the model's.
+
+    Raises:
+        ConfigError: a crop share outside (0, 1] or an unknown interpolation.
+    """
+    crop_pct = float(crop_pct if crop_pct is not None else model_config.get("crop_pct", CROP_PCT))
+    if not 0 < crop_pct <= 1:
+        raise ConfigError(f"augmentation.crop_pct={crop_pct} must be in (0, 1]")
+    interpolation = interpolation or model_config.get("interpolation", "bilinear")
+    interpolation_mode(interpolation)
+    return Preprocess(int(image_size), eval_resize(image_size, crop_pct), crop_pct, interpolation,
+                      tuple(float(v) for v in (mean or model_config["mean"])),
+                      tuple(float(v) for v in (std or model_config["std"])))
+
+
 @dataclass
 class Pipeline:
     """Everything a training run's images go through, resolved from the augmentation config.
@@ -176,37 +243,39 @@ class Pipeline:
         train: per-image training transform (run by the loader's workers).
         eval: per-image evaluation transform.
         device: batched rest of the training transform on the device, or ``None``.
-        mean, std, crop_pct: the preprocessing a checkpoint must record for inference.
+        preprocess: what a checkpoint must record for inference.
     """
 
     train: v2.Compose
     eval: v2.Compose
     device: nn.Sequential | None
-    mean: list[float]
-    std: list[float]
-    crop_pct: float
+    preprocess: Preprocess
 
 
-def build_pipeline(image_size: int, model_mean: Sequence[float], model_std: Sequence[float], *, name: str = "",
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   crop_pct: float = CROP_PCT, on_device: bool = False, **recipe) -> Pipeline:
+def build_pipeline(preprocess: Preprocess, *, name: str = "", on_device: bool = False, **recipe) -> Pipeline:
     """The training, evaluation and device transforms of one augmentation config group.
 
     Args:
-        image_size: edge of the square tensor the model sees.
-        model_mean, model_std: normalisation the model's weights expect, used where the config
-            leaves ``mean``/``std`` null.
+        preprocess: the model's input (from :func:`resolve_preprocess`).
         name: the recipe's name (only descriptive).
-        mean, std: normalisation that overrides the model's.
-        crop_pct: share of the resized image kept by the evaluation centre crop.
         on_device: run the batched part of the training transform on the device.
-        **recipe: the remaining keyword arguments of :func:`build_transforms`.
+        **recipe: the remaining keyword arguments of :func:`build_transforms` (augment, scale, flips, ...).
     """
-    mean, std = list(mean or model_mean), list(std or model_std)
+    mean, std = list(preprocess.mean), list(preprocess.std)
     device = None
     if on_device:
         keys = ("augment", "hflip", "vflip", "rot90", "rotation", "color_jitter")
         device = build_device_transform(mean=mean, std=std, **{k: recipe[k] for k in keys if k in recipe})
-    common = {"mean": mean, "std": std, "crop_pct": crop_pct} | recipe
-    return Pipeline(build_transforms(image_size, train=True, on_device=on_device, **common),
-                    build_transforms(image_size, train=False, **common), device, mean, std, crop_pct)
+    common = {"mean": mean, "std": std, "crop_pct": preprocess.crop_pct,
+              "interpolation": preprocess.interpolation} | recipe
+    return Pipeline(build_transforms(preprocess.image_size, train=True, on_device=on_device, **common),
+                    build_transforms(preprocess.image_size, train=False, **common), device, preprocess)
+
+
+def eval_transform(preprocess: dict) -> v2.Compose:
+    """The evaluation transform of a recorded preprocessing (a checkpoint's or ``preprocess.json``'s).
+
+    Records from before interpolation was recorded resized bilinearly.
+    """
+    return build_transforms(preprocess["image_size"], train=False, mean=preprocess["mean"], std=preprocess["std"],
+                            crop_pct=preprocess["crop_pct"], interpolation=preprocess.get("interpolation", "bilinear"))

@@ -1,13 +1,6 @@
 """Hydra config tree of melanoma (a package so Hydra finds it in an installed wheel).
 
-Importing it registers the resolver ``${melanoma_demo_data:NAME}``: the folder of a real demo set
-shipped inside the package (``melanoma/demo_data/NAME``), wherever melanoma is installed.
+One group per core module it feeds (``data`` -> ``data.py``, ``model`` -> ``models.py``, ...); the
+entry points in :mod:`melanoma.cli` compose it. The resolvers its files use (``${melanoma_demo_data:NAME}``,
+``${melanoma_run_dir:...}``) are registered by :mod:`melanoma.cli`.
 """
-
-from pathlib import Path
-
-from omegaconf import OmegaConf
-
-DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
-
-OmegaConf.register_new_resolver("melanoma_demo_data", lambda name: str(DEMO_DATA / name), replace=True)

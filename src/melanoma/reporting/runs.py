@@ -3,8 +3,8 @@
 A training run is a folder whose ``metrics.json`` holds ``folds`` and ``mean`` (melanoma-train);
 an evaluation one whose ``metrics.json`` names a ``ckpt`` (melanoma-eval). A folder with a
 ``train.log`` or ``folds.csv`` but no ``metrics.json`` is a run that crashed or is still running.
-Nothing is trained or loaded beyond these files (and a fold checkpoint's config for runs
-trained without Hydra).
+Nothing is trained or loaded beyond these files: no checkpoint, no model code, no config
+resolution in the reader's environment (a run's ``config.yaml`` was resolved when it trained).
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-import melanoma.configs  # noqa: F401  (registers the resolvers a run's .hydra/config.yaml may hold)
+import yaml
 
 _RUN_MARKERS = ("metrics.json", "train.log", "folds.csv")
 
@@ -78,23 +76,21 @@ def _last_error(log: Path) -> str | None:
 
 
 def _load_config(run_dir: Path) -> tuple[dict, list[str]]:
-    """The run's resolved config and overrides: Hydra's ``.hydra/`` files, else a fold checkpoint."""
-    hydra_dir = run_dir / ".hydra"
-    if (hydra_dir / "config.yaml").is_file():
-        conf = OmegaConf.load(hydra_dir / "config.yaml")
-        try:
-            config = OmegaConf.to_container(conf, resolve=True)
-        except Exception:  # an interpolation this process cannot resolve: keep it as written
-            config = OmegaConf.to_container(conf, resolve=False)
-        overrides = []
-        if (hydra_dir / "overrides.yaml").is_file():
-            overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))]
-        return config, overrides
-    from melanoma.checkpoint import load_checkpoint  # torch: only for runs trained outside the CLI
+    """The run's config and Hydra overrides.
 
-    for best in sorted(run_dir.glob("fold*/best.pt"), key=natural_key)[:1]:
-        return load_checkpoint(best).get("config") or {}, []
-    return {}, []
+    ``config.yaml`` holds the config as resolved in the training environment. A run from before
+    it existed falls back to Hydra's ``.hydra/config.yaml``, whose interpolations stay as written.
+    """
+    hydra_dir = run_dir / ".hydra"
+    config = {}
+    for path in (run_dir / "config.yaml", hydra_dir / "config.yaml"):
+        if path.is_file():
+            config = yaml.safe_load(path.read_text()) or {}
+            break
+    overrides = []
+    if (hydra_dir / "overrides.yaml").is_file():
+        overrides = [str(o) for o in yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []]
+    return config, overrides
 
 
 def _evaluated_run(evaluation: Evaluation, runs: dict[Path, Run]) -> Run | None:

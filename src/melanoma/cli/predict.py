@@ -19,30 +19,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from melanoma.checkpoint import write_csv
-from melanoma.data import IMAGE_EXTENSIONS, scan_images
+from melanoma.data import find_images, scan_images
 from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
 from melanoma.runtime import resolve_runtime
 
 log = logging.getLogger("melanoma.predict")
-
-
-def find_images(input_path: str | Path) -> list[str]:
-    """One image file, or every image below a folder (recursively, sorted, stray files left out).
-
-    Raises:
-        DataError: the path does not exist or holds no images.
-    """
-    path = Path(input_path).expanduser()
-    if path.is_file():
-        return [str(path)]
-    if not path.is_dir():
-        raise DataError(f"input={path} does not exist; point it at an image or a folder of images")
-    found = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not found:
-        raise DataError(f"input={path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return found
 
 
 def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
@@ -71,7 +53,7 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     return table
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
     report_user_errors("melanoma-predict", predict_images, cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -1,13 +1,9 @@
-"""``melanoma-report``: one results table, as CSV, markdown and PDF, over training runs and sweeps.
-
-    melanoma-report multirun/train/2026-01-01_12-00-00            # a sweep; writes into it
-    melanoma-report outputs/train/RUN_A outputs/train/RUN_B outputs/eval --out reports/ab
-    melanoma-report outputs/train/RUN outputs/eval/DATE --out reports/run --figures assets  # + README PNGs
+"""The results table of ``melanoma-report``: one row per training run, with its test evaluation.
 
 Every ``metrics.json`` under the PATHs (run directories, sweep directories or any folder above
 them) is read: training runs become rows, and a ``melanoma-eval`` result joins the run its
 ``ckpt`` names. ``results.csv`` holds the numbers (means and stds apart, so it can be read back),
-``results.md`` the same table for people, ``report.pdf`` the figures (see ``report_pdf.py``). What
+``results.md`` the same table for people, ``report.pdf`` the figures (see ``pdf.py``). What
 could not be used (a crashed run, an unreadable file, an evaluation that is not the run's test
 result, a figure that cannot be drawn) is listed with the reason in ``results.md``, on stdout and
 (all but the ``--figures`` PNGs) on a page of the PDF.
@@ -15,7 +11,6 @@ result, a figure that cannot be drawn) is listed with the reason in ``results.md
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma.checkpoint import atomic_path, write_csv
-from melanoma.errors import DataError, report_user_errors
-from melanoma.runs import Evaluation, Run, Skipped, collect, natural_key
+from melanoma.errors import DataError
+from melanoma.reporting.runs import Evaluation, Run, Skipped, collect, natural_key
 
 # Parameter columns every table has (config key -> column); others appear when they vary.
 ALWAYS = {"model.name": "model", "optimizer.lr": "lr", "data.batch_size": "batch_size"}
@@ -46,16 +40,6 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = str(value) if isinstance(value, list) else value
-    return flat
-
-
 def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
@@ -69,7 +53,8 @@ def results_table(runs: list[Run]) -> tuple[pd.DataFrame, list[str]]:
     common = os.path.commonpath([r.dir.resolve() for r in runs])
     for run in runs:
         run.label = os.path.relpath(run.dir.resolve(), common) if len(runs) > 1 else run.dir.resolve().name
-    flats = [_flatten(r.config) for r in runs]
+    leaves = [pd.json_normalize(r.config, sep=".").to_dict("records")[0] for r in runs]  # "a.b": value
+    flats = [{k: str(v) if isinstance(v, list) else v for k, v in leaf.items()} for leaf in leaves]
     known = [f for f in flats if f]
     varying = sorted(k for k in set().union(*known) - set(ALWAYS) - IGNORED
                      if len({repr(f.get(k)) for f in known}) > 1)
@@ -164,19 +149,11 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Report:
-    """Collect the runs under ``paths`` and write ``results.csv``, ``results.md`` and ``report.pdf``.
-
-    Args:
-        paths: run directories, sweep directories, evaluation directories or folders above them.
-        out: output folder.
-        figures: also write the best run's README figures there (see ``report_figures.write_figures``).
-
-    Returns:
-        What was reported.
+def build_report(paths: list[str | Path]) -> Report:
+    """Collect the runs under ``paths`` into a :class:`Report` (read-only: nothing is written).
 
     Raises:
-        DataError: no finished run under any of the paths (nothing is written).
+        DataError: no finished run under any of the paths.
     """
     runs, skipped = collect(paths)
     if not runs:
@@ -188,39 +165,4 @@ def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Re
         missing = [k for k in CV_METRICS if k not in run.metrics["mean"]]
         if missing:
             skipped.append(Skipped(str(run.dir), f"metrics.json has no {', '.join(missing)} (shown as n/a)"))
-    report = Report([str(p) for p in paths], runs, table, params, skipped)
-    from melanoma.report_figures import write_figures
-    from melanoma.report_pdf import write_pdf  # matplotlib and torch: only when writing
-
-    write_pdf(report, out / "report.pdf")  # first: it adds the figures it had to leave out to the list
-    if figures is not None:
-        report.skipped += write_figures(runs[0], figures)
-    write_csv(table, out / "results.csv")
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(to_markdown(report))
-    return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point ``melanoma-report``."""
-    usage = "\n\n".join(__doc__.split("\n\n")[:2]).replace("``", "")  # the title line and the examples
-    parser = argparse.ArgumentParser(prog="melanoma-report", description=usage,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="run, multirun or melanoma-eval directories, or folders above them")
-    parser.add_argument("--out", type=Path, help="output folder (default: the PATH, when only one is given)")
-    parser.add_argument("--figures", type=Path, metavar="DIR",
-                        help="also write the best run's figures as PNGs (sample_augmented, loss_curve, "
-                             "confusion_matrix, activation_map) into DIR, captioned with their data")
-    args = parser.parse_args(argv)
-    if args.out is None and len(args.paths) > 1:
-        parser.error("several PATHs given: name the output folder with --out DIR")
-    out = args.out or Path(args.paths[0])
-    report = report_user_errors("melanoma-report", write_report, args.paths, out, args.figures)
-    print(to_markdown(report))
-    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.pdf'}"
-          + (f" and the figures in {args.figures}" if args.figures else ""))
-
-
-if __name__ == "__main__":
-    main()
+    return Report([str(p) for p in paths], runs, table, params, skipped)

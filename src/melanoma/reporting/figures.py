@@ -7,17 +7,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from melanoma.checkpoint import atomic_path, load_checkpoint
+from melanoma.checkpoint import PREPROCESS
 from melanoma.data import load_image
 from melanoma.errors import MelanomaError
-from melanoma.plots import plot_augmented_samples, plot_confusion_matrix, plot_loss_curves, plot_run_roc
-from melanoma.runs import Run, Skipped
+from melanoma.plots import (
+    plot_augmented_samples,
+    plot_confusion_matrix,
+    plot_loss_curves,
+    plot_run_roc,
+    read_histories,
+    save_figure,
+)
+from melanoma.reporting.runs import Run, Skipped
 from melanoma.transforms import build_transforms
 
 ACTIVATION_MAPS = Path("explain") / "activation_maps.png"  # where melanoma-explain ckpt=RUN writes
@@ -47,23 +55,20 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
                          title: str | None = None) -> Figure:
     """A few of the run's training images and draws of its training transform.
 
-    The transform is rebuilt from the resolved config (augmentation group, ``data.image_size``) and
-    the normalisation stored in ``fold0/best.pt`` (what the model's weights expected).
+    The transform is rebuilt from the run's files: the augmentation recipe of its ``config.yaml``
+    and the preprocessing of its ``preprocess.json`` (what the model's weights expected).
 
     Raises:
         OSError, KeyError, ValueError, MelanomaError: a file or config key it needs is missing.
     """
     aug = dict(run.config["augmentation"])
     recipe = aug.pop("name", "?")
-    mean, std = aug.pop("mean", None), aug.pop("std", None)
-    aug.pop("on_device", None)  # drawn here by the CPU path of the same recipe (statistically equivalent)
-    best = sorted(run.dir.glob("fold*/best.pt"))
-    if best:
-        preprocess = load_checkpoint(best[0])["preprocess"]
-        mean, std = preprocess["mean"], preprocess["std"]
-    if mean is None or std is None:
-        raise ValueError("no normalisation: no fold*/best.pt and augmentation.mean/std are null")
-    transform = build_transforms(run.config["data"]["image_size"], train=True, mean=mean, std=std, **aug)
+    for key in ("mean", "std", "crop_pct", "interpolation", "on_device"):  # preprocess.json has what was used
+        aug.pop(key, None)  # on_device: drawn here by the CPU path of the same recipe (statistically equivalent)
+    pre = json.loads((run.dir / PREPROCESS).read_text())
+    mean, std = pre["mean"], pre["std"]
+    transform = build_transforms(pre["image_size"], train=True, mean=mean, std=std, crop_pct=pre["crop_pct"],
+                                 interpolation=pre.get("interpolation", "bilinear"), **aug)
     folds = pd.read_csv(run.dir / "folds.csv")
     picks = pd.concat([part.sample(min(len(part), n_images // 2 or 1), random_state=0)
                        for _, part in folds.groupby("label")])
@@ -71,11 +76,6 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
     title = title or f"Training augmentation '{recipe}' at {run.config['data']['image_size']} px: {caption(run)}"
     return plot_augmented_samples([load_image(p) for p in picks["path"]], transform, mean, std, path,
                                   n_views=n_views, names=[classes[int(y)] for y in picks["label"]], title=title)
-
-
-def _save_png(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)
 
 
 def _activation_figure(run: Run, path: Path) -> None:
@@ -88,7 +88,7 @@ def _activation_figure(run: Run, path: Path) -> None:
     ax.imshow(image, interpolation="none")
     ax.axis("off")
     fig.text(0.5, 1 - band / 2 / (h + band), f"Grad-CAM activation maps: {caption(run)}", ha="center", va="center")
-    _save_png(fig, path)
+    save_figure(fig, path, tight=False)
 
 
 def write_figures(run: Run, out: Path) -> list[Skipped]:
@@ -104,7 +104,7 @@ def write_figures(run: Run, out: Path) -> list[Skipped]:
     about = caption(run)
 
     def loss_curve(path: Path) -> None:
-        histories = {int(p.parent.name[4:]): pd.read_csv(p) for p in run.dir.glob("fold*/history.csv")}
+        histories = read_histories(run.dir)
         if not histories:
             raise FileNotFoundError(f"no {run.dir}/fold*/history.csv")
         best = {f["fold"]: f["best_epoch"] for f in run.metrics.get("folds", []) if "best_epoch" in f}

@@ -33,17 +33,16 @@ import torchvision
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import melanoma.configs  # noqa: F401  (registers the config resolvers)
 from melanoma.cache import build_cache
 from melanoma.checkpoint import write_json
 from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, split_records, usable_cores
 from melanoma.engine import evaluate, make_loss, train_one_epoch
 from melanoma.errors import ConfigError, report_user_errors
-from melanoma.models import create_model, model_normalization
+from melanoma.models import create_model, model_data_config
 from melanoma.optim import create_optimizer
 from melanoma.runtime import Runtime, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_pipeline, eval_resize
+from melanoma.transforms import build_pipeline, resolve_preprocess
 
 log = logging.getLogger("melanoma.bench")
 
@@ -115,7 +114,10 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     model = create_model(m.name, False, None).to(runtime.device, memory_format=runtime.memory_format)
     aug = OmegaConf.to_container(cfg.augmentation, resolve=True)
     size, batch = d.image_size, d.batch_size
-    pipeline = build_pipeline(size, *model_normalization(model), **aug)
+    recipe = {k: v for k, v in aug.items() if k not in ("mean", "std", "crop_pct", "interpolation")}
+    pipeline = build_pipeline(resolve_preprocess(size, model_data_config(model), mean=aug.get("mean"),
+                                                 std=aug.get("std"), crop_pct=aug.get("crop_pct"),
+                                                 interpolation=aug.get("interpolation")), **recipe)
     if cfg.trainer.compile:
         model = torch.compile(model)
     optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, fused=runtime.device.type == "cuda")
@@ -137,7 +139,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
 
     # (b) the training loop through the configured pipeline, (c) validation through it.
     start = time.perf_counter()
-    decoded = build_cache(paths, d.cache_edge or eval_resize(size, pipeline.crop_pct), d.cache, d.cache_dir)
+    decoded = build_cache(paths, d.cache_edge or pipeline.preprocess.resize, d.cache, d.cache_dir,
+                          interpolation=pipeline.preprocess.interpolation)
     results["cache_build_seconds"] = time.perf_counter() - start
     pin = runtime.device.type == "cuda"
     loader = make_loader(ImageDataset(paths, labels, pipeline.train, decoded), batch, train=True,
@@ -155,8 +158,9 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
 
     # (d) the same loop fed by timm's loader over the same images and batch size.
     if b.timm_loader:
-        results["timm_loader"] = _loop_rate(_timm_loader(paths, classes, size, batch, workers, pipeline.mean,
-                                                         pipeline.std, aug, runtime), loop_warmup, b.steps, batch,
+        pre = pipeline.preprocess
+        results["timm_loader"] = _loop_rate(_timm_loader(paths, classes, size, batch, workers, pre.mean, pre.std, aug,
+                                                         runtime), loop_warmup, b.steps, batch,
                                             lambda batches: train_one_epoch(model, batches, optimizer, loss_fn,
                                                                             runtime, scaler, desc="timm loader"),
                                             runtime)
@@ -224,7 +228,7 @@ def _print(report: dict, out_dir: Path) -> None:
     print(f"  decoding once took {report['cache_build_seconds']:.1f} s; {out_dir / 'benchmark.json'}")
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="bench")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
     report_user_errors("melanoma-bench", run_benchmark, cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -17,7 +17,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import melanoma.configs  # noqa: F401  (registers the config resolvers)
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.data import load_records
@@ -58,7 +57,7 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="audit_run")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="audit_run")
 def _hydra_main(cfg: DictConfig) -> None:
     report_user_errors("melanoma-audit", run_audit, cfg, Path(HydraConfig.get().runtime.output_dir))
 

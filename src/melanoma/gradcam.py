@@ -1,11 +1,7 @@
-"""``melanoma-explain``: Grad-CAM activation maps of a trained run.
+"""Grad-CAM activation maps of trained models, and :func:`explain`, the work of ``melanoma-explain``.
 
-    melanoma-explain ckpt=outputs/train/RUN                  # 4 benign + 4 malignant test images
-    melanoma-explain ckpt=outputs/train/RUN/fold1/best.pt n=8 seed=1
-    melanoma-explain ckpt=outputs/train/RUN input=/photos/   # unlabelled images
-
-Writes ``activation_maps.png`` and ``explain.csv`` (``path,label,prob,pred``) into ``out``,
-by default ``RUN/explain/``, where ``melanoma-report`` looks for them.
+:func:`explain` writes ``activation_maps.png`` and ``explain.csv`` (``path,label,prob,pred``) into
+``out``, by default ``RUN/explain/``, where ``melanoma-report`` looks for them.
 
 Grad-CAM comes from Captum's ``LayerGradCam``: pure Python on top of torch, maintained by the
 PyTorch team. pytorch-grad-cam would pull in OpenCV, which needs system GL libraries that
@@ -18,28 +14,24 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pandas as pd
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
-from omegaconf import DictConfig
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from melanoma.checkpoint import write_csv
-from melanoma.data import load_image, scan_images
-from melanoma.errors import ConfigError, DataError, report_user_errors
-from melanoma.evaluate import load_eval_set
+from melanoma.data import find_images, load_eval_set, load_image, scan_images
+from melanoma.errors import ConfigError, DataError
 from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
 from melanoma.plots import plot_activation_maps
-from melanoma.predict import find_images
-from melanoma.runtime import Runtime, resolve_runtime
-from melanoma.transforms import build_transforms
+from melanoma.runtime import Runtime
+from melanoma.transforms import eval_transform
 
-log = logging.getLogger("melanoma.explain")
+log = logging.getLogger("melanoma.gradcam")
 SPLITS = ("test", "train", "all")
 
 
@@ -227,8 +219,7 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         source = f"{len(paths)} images from input {Path(input).name}"
 
     pre = ensemble.preprocess
-    transform = build_transforms(pre["image_size"], train=False, mean=pre["mean"], std=pre["std"],
-                                 crop_pct=pre["crop_pct"])
+    transform = eval_transform(pre)
     images = torch.stack([transform(load_image(p)) for p in chosen["path"]])
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=32)
     chosen["prob"] = predict_probs(ensemble.models, loader, runtime, temperatures=ensemble.temperatures).mean(0)
@@ -254,24 +245,3 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
     print(f"Grad-CAM of {len(table)} images ({source}); wrote {out / 'activation_maps.png'} and "
           f"{out / 'explain.csv'}")
     return table
-
-
-def explain_run(cfg: DictConfig) -> pd.DataFrame:
-    """Unpack the ``explain`` config and call :func:`explain`."""
-    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
-    return explain(cfg.ckpt, runtime, input=cfg.input, n=cfg.n, split=cfg.split, seed=cfg.seed,
-                   threshold=cfg.threshold, out=cfg.out)
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="explain")
-def _hydra_main(cfg: DictConfig) -> None:
-    report_user_errors("melanoma-explain", explain_run, cfg)
-
-
-def main() -> None:
-    """Console entry point ``melanoma-explain``."""
-    _hydra_main()
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@
     melanoma-eval ckpt=outputs/train/RUN/fold1/best.pt eval.tta=d4
     melanoma-eval ckpt=RUN data=folder data.root=/other/set   # another labelled set
 
-Only this module reads the eval config; the work is done by inference, confidence and plots.
+Only this module reads the eval config; the work is done by data, inference, confidence, audit and plots.
 """
 
 from __future__ import annotations
@@ -17,67 +17,16 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import melanoma.configs  # noqa: F401  (registers the config resolvers)
-from melanoma.audit import audit_records, leaked_test_paths
+from melanoma.audit import train_duplicates
 from melanoma.checkpoint import write_csv, write_json
-from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, metrics_with_ci
-from melanoma.data import load_records, scan_images
-from melanoma.errors import ConfigError, DataError, report_user_errors
+from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, held_promises, metrics_with_ci
+from melanoma.data import load_eval_set, training_images
+from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
 from melanoma.plots import plot_evaluation
 from melanoma.runtime import resolve_runtime
-from melanoma.synthetic import generate_dataset
 
 log = logging.getLogger("melanoma.evaluate")
-
-
-def load_eval_set(data: dict, split: str, split_key: str = "eval.split") -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """The labelled images to score, with unreadable files handled by ``data.on_bad_file``.
-
-    A split with a single class is returned as is: metrics that need both classes are then
-    reported as unavailable rather than failing the evaluation. ``split_key`` is the config key
-    that error messages name (``eval.split`` for melanoma-eval, ``split`` for melanoma-explain).
-
-    Returns:
-        ``(images to score, skipped (path, reason))``.
-    """
-    if split not in ("test", "train", "all"):
-        raise ConfigError(f"{split_key}={split!r} is not one of test, train, all")
-    if data.get("synthetic"):
-        generate_dataset(data["root"], **data["synthetic"])
-    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
-    if data["layout"] != "folder" and split != "all":
-        records = records[records["split"] == split]
-    if records.empty:
-        raise DataError(f"the dataset at {data['root'] or data.get('manifest')} has no {split} images; "
-                        f"pass {split_key}=all to use every image")
-    bad = scan_images(records["path"].tolist(), data.get("on_bad_file") or "error")
-    records = records[~records["path"].isin({p for p, _ in bad})]
-    if records.empty:
-        raise DataError(f"none of the {split} images could be read")
-    return records[["path", "label"]].reset_index(drop=True), bad
-
-
-def training_images(run_data: dict) -> pd.DataFrame:
-    """The training split the run learned from, read again from its data config.
-
-    Raises:
-        DataError: it is no longer where the run found it.
-    """
-    records = load_records(run_data["layout"], run_data["root"], tuple(run_data["classes"]),
-                           run_data.get("manifest"), strict=False)
-    return records[records["split"] == "train"]
-
-
-def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None) -> set[str]:
-    """Scored images that have an exact or near duplicate among the run's training images."""
-    scored_paths = set(scored["path"])
-    if train.empty:
-        return set()
-    both = pd.concat([train.assign(split="train"),
-                      scored.assign(split="test")[~scored["path"].isin(set(train["path"]))]], ignore_index=True)
-    _, pairs, _ = audit_records(both, threshold, workers=workers)
-    return leaked_test_paths(pairs) & scored_paths
 
 
 def _format_table(results: dict) -> str:
@@ -98,19 +47,6 @@ def _side_by_side(full: dict, dedup: dict) -> str:
     keys = [*THRESHOLD_METRICS, *RANKING_METRICS]
     return pd.DataFrame({"full test split": [_cell(full["metrics"][k]) for k in keys],
                          "deduplicated": [_cell(dedup["metrics"][k]) for k in keys]}, index=keys).to_string()
-
-
-def held_promises(results: dict, ensemble_oof: dict) -> dict:
-    """What each OOF-chosen operating point promised, beside what it reached on the scored images.
-
-    Returns:
-        ``{name: {"oof": {"sensitivity", "specificity"}, "test": {"sensitivity", "specificity"}}}``,
-        the test values with their bootstrap CIs, for every point that training measured.
-    """
-    keys = ("sensitivity", "specificity")
-    return {name: {"oof": {k: ensemble_oof[name].get(k) for k in keys},
-                   "test": {k: results[name]["metrics"][k] for k in keys}}
-            for name in results if name in ensemble_oof}
 
 
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -198,7 +134,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     report_user_errors("melanoma-eval", evaluate_run, cfg, Path(HydraConfig.get().runtime.output_dir))
 

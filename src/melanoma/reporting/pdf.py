@@ -24,18 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.image import imread
-from omegaconf import OmegaConf
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import RocCurveDisplay
 
 import melanoma
 from melanoma.checkpoint import atomic_path
-from melanoma.plots import plot_confusion_matrix, plot_loss_curves
-from melanoma.report import Report, display_rows, format_cell
-from melanoma.report_figures import ACTIVATION_MAPS, FIGURE_ERRORS, augmentation_samples, describe_data
-from melanoma.runs import Run, Skipped
+from melanoma.plots import plot_confusion_matrix, plot_loss_curves, read_histories
+from melanoma.reporting.figures import ACTIVATION_MAPS, FIGURE_ERRORS, augmentation_samples, describe_data
+from melanoma.reporting.runs import Run, Skipped
+from melanoma.reporting.tables import Report, display_rows, format_cell
 
 A4 = (11.69, 8.27)  # landscape, inches
 TITLE_CHARS = 110  # a page title longer than this wraps onto a second line
@@ -170,7 +170,7 @@ def _file_or_redrawn(run: Run, name: str, tmp: Path) -> Path | None:
         return run.dir / name
     try:
         if name == "loss_curves.png":
-            histories = {int(p.parent.name[4:]): pd.read_csv(p) for p in run.dir.glob("fold*/history.csv")}
+            histories = read_histories(run.dir)
             if not histories:
                 return None
             plot_loss_curves(histories, tmp / name)
@@ -213,11 +213,12 @@ def _roc(report: Report) -> Figure | Skipped:
         for name, path, style in sources:
             try:
                 pred = pd.read_csv(path)
-                fpr, tpr, _ = roc_curve(pred["label"], pred["prob"])
-                auc = roc_auc_score(pred["label"], pred["prob"])
-            except FIGURE_ERRORS:  # missing file, or one class only
+                if pred["label"].nunique() < 2:
+                    continue
+                RocCurveDisplay.from_predictions(pred["label"], pred["prob"], ax=ax, name=f"{run.label} {name}",
+                                                 pos_label=1).line_.set(linestyle=style, color=color)
+            except FIGURE_ERRORS:  # a missing or unreadable file
                 continue
-            ax.plot(fpr, tpr, style, color=color, label=f"{run.label} {name} (AUC {auc:.3f})")
         drawn += 1
     if not ax.lines:
         return Skipped("ROC curves", "no run has a readable oof_predictions.csv with both classes")
@@ -251,13 +252,13 @@ def _activation_maps(report: Report) -> Figure | Skipped:
 
 
 def _config_page(run: Run) -> Figure:
-    source = run.dir / ".hydra" / "config.yaml"
-    text = OmegaConf.to_yaml(run.config) if run.config else "(no .hydra/config.yaml and no fold*/best.pt)"
+    source = next((p for p in (run.dir / "config.yaml", run.dir / ".hydra" / "config.yaml") if p.is_file()), None)
+    text = yaml.safe_dump(run.config, sort_keys=False) if run.config else "(no config.yaml)"
     lines = ["overrides:", *textwrap.wrap(" ".join(run.overrides) or "none", 60, initial_indent="  ",
                                           subsequent_indent="  "), ""]
     lines += [part for line in text.splitlines() for part in textwrap.wrap(line, 60, subsequent_indent="    ")]
-    return _text_page(f"Resolved config of {run.label} ({source if source.is_file() else 'from fold0/best.pt'})",
-                      lines, fontsize=7, columns=3, family="monospace", per_column=56)
+    return _text_page(f"Config of {run.label} ({source or 'not recorded'})", lines, fontsize=7, columns=3,
+                      family="monospace", per_column=56)
 
 
 def write_pdf(report: Report, path: Path) -> None:

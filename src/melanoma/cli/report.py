@@ -1,0 +1,69 @@
+"""``melanoma-report``: one results table, as CSV, markdown and PDF, over training runs and sweeps.
+
+    melanoma-report multirun/train/2026-01-01_12-00-00            # a sweep; writes into it
+    melanoma-report outputs/train/RUN_A outputs/train/RUN_B outputs/eval --out reports/ab
+    melanoma-report outputs/train/RUN outputs/eval/DATE --out reports/run --figures assets  # + README PNGs
+
+Every ``metrics.json`` under the PATHs is read (see :mod:`melanoma.reporting.tables`); the figures
+are drawn from the runs' files alone (:mod:`melanoma.reporting.pdf`, :mod:`melanoma.reporting.figures`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from melanoma.checkpoint import atomic_path, write_csv
+from melanoma.errors import report_user_errors
+from melanoma.reporting.figures import write_figures
+from melanoma.reporting.pdf import write_pdf
+from melanoma.reporting.tables import Report, build_report, to_markdown
+
+
+def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Report:
+    """Collect the runs under ``paths`` and write ``results.csv``, ``results.md`` and ``report.pdf``.
+
+    Args:
+        paths: run directories, sweep directories, evaluation directories or folders above them.
+        out: output folder.
+        figures: also write the best run's README figures there (see :func:`melanoma.reporting.figures.write_figures`).
+
+    Returns:
+        What was reported.
+
+    Raises:
+        DataError: no finished run under any of the paths (nothing is written).
+    """
+    report = build_report(paths)
+    write_pdf(report, out / "report.pdf")  # first: it adds the figures it had to leave out to the list
+    if figures is not None:
+        report.skipped += write_figures(report.runs[0], figures)
+    write_csv(report.table, out / "results.csv")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(to_markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``melanoma-report``."""
+    usage = "\n\n".join(__doc__.split("\n\n")[:2]).replace("``", "")  # the title line and the examples
+    parser = argparse.ArgumentParser(prog="melanoma-report", description=usage,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="run, multirun or melanoma-eval directories, or folders above them")
+    parser.add_argument("--out", type=Path, help="output folder (default: the PATH, when only one is given)")
+    parser.add_argument("--figures", type=Path, metavar="DIR",
+                        help="also write the best run's figures as PNGs (sample_augmented, loss_curve, "
+                             "confusion_matrix, activation_map) into DIR, captioned with their data")
+    args = parser.parse_args(argv)
+    if args.out is None and len(args.paths) > 1:
+        parser.error("several PATHs given: name the output folder with --out DIR")
+    out = args.out or Path(args.paths[0])
+    report = report_user_errors("melanoma-report", write_report, args.paths, out, args.figures)
+    print(to_markdown(report))
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.pdf'}"
+          + (f" and the figures in {args.figures}" if args.figures else ""))
+
+
+if __name__ == "__main__":
+    main()

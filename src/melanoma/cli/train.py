@@ -1,0 +1,200 @@
+"""``melanoma-train``: k-fold cross-validation of one backbone, configured by Hydra.
+
+This is the only module of the training path that reads the Hydra config: it unpacks it
+into plain arguments for the data, folds, models, engine, metrics and plots modules.
+
+    melanoma-train model=efficientnet_b0
+    melanoma-train experiment=demo
+    melanoma-train -m model=resnet34,resnext101,mobilenet_v2,efficientnet_b0
+    melanoma-train hparams=seed_grid
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from melanoma.audit import add_fold_crossings, summary_line
+from melanoma.cache import build_cache
+from melanoma.checkpoint import write_csv, write_json
+from melanoma.crossval import (
+    OPERATING_POINTS,
+    THRESHOLD,
+    LoaderSettings,
+    TrainSettings,
+    cross_validate,
+    load_training_set,
+    record_run,
+    write_results,
+)
+from melanoma.data import resolve_num_workers
+from melanoma.errors import ConfigError, TrainingInterrupted, report_user_errors
+from melanoma.folds import make_folds
+from melanoma.metrics import degenerate_operating_point
+from melanoma.models import create_model, model_data_config
+from melanoma.optim import OptimizerSettings, ScheduleSettings
+from melanoma.plots import plot_run
+from melanoma.runtime import RUNTIME_KEYS, broadcast, rank0_first, resolve_runtime
+from melanoma.transforms import build_pipeline, resolve_preprocess
+
+log = logging.getLogger("melanoma.train")
+PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")  # augmentation keys that override the model's
+
+
+def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
+    """The seed-style results table: one row per fold, then mean ± std."""
+    keys = ["accuracy", "f1", "precision", "recall", "auc"]
+    rows = {f"fold {m['fold']}": [m[k] for k in keys] for m in per_fold}
+    frame = pd.DataFrame(rows, index=keys).T.map(lambda v: "n/a" if v is None else f"{v:.4f}")
+    frame.loc["mean ± std"] = [
+        "n/a" if mean[k] is None else f"{mean[k]:.4f} ± {std[k]:.4f}" for k in keys
+    ]
+    return frame.to_string()
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Cross-validate the configured model and write every output into ``run_dir``.
+
+    Returns:
+        The content of ``metrics.json`` (empty on ranks other than 0 under torchrun).
+    """
+    start = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    operating_point = str(cfg.cv.operating_point)
+    if operating_point not in OPERATING_POINTS:
+        raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
+    if cfg.cv.calibration not in ("temperature", "none"):
+        raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
+    trainer = config["trainer"]
+    runtime = resolve_runtime(**{k: trainer[k] for k in RUNTIME_KEYS})
+    run_dir = broadcast(run_dir, runtime)  # torchrun: every rank uses rank 0's run directory
+    main = runtime.is_main
+    log.info("device %s, precision %s, rank %d of %d", runtime.device, runtime.precision, runtime.rank,
+             runtime.world_size)
+
+    m, data = config["model"], config["data"]
+
+    def model_factory() -> torch.nn.Module:
+        return create_model(m["name"], m["pretrained"], m["weights"], drop_rate=m["drop_rate"])
+
+    probe = model_factory()  # fails early on bad names/weights
+    augmentation = dict(config["augmentation"])
+    overrides = {k: augmentation.pop(k, None) for k in PREPROCESS_KEYS}
+    preprocess = resolve_preprocess(data["image_size"], model_data_config(probe), **overrides)
+    pipeline = build_pipeline(preprocess, **augmentation)
+    del probe
+    if main:
+        record_run(run_dir, config, preprocess.to_dict(), overwrite=False)
+
+    audit = config["audit"]
+    training = load_training_set(data["layout"], data["root"], data["classes"], data["manifest"], data["on_bad_file"],
+                                 data["synthetic"], audit=audit["enabled"], audit_threshold=audit["threshold"],
+                                 audit_workers=audit["workers"])
+    train_set, bad = training.records, training.skipped
+    labels = train_set["label"].to_numpy()
+    grouped = cfg.cv.group_duplicates and training.summary is not None
+    if cfg.cv.group_duplicates and not grouped:
+        log.warning("audit.enabled=false: folds are not grouped by duplicates (cv.group_duplicates ignored)")
+    fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed, train_set["group"].to_numpy() if grouped else None)
+    columns = ["path", "label", "fold"] + (["group"] if training.summary is not None else [])
+    if main:
+        write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
+    if training.summary is not None and main:
+        add_fold_crossings(training.pairs, training.summary, dict(zip(train_set["path"], fold_of, strict=True)))
+        write_json(training.summary, run_dir / "audit.json")
+        write_csv(training.pairs, run_dir / "duplicates.csv")
+        print(f"audit: {summary_line(training.summary)}; {training.summary['pairs_crossing_folds']} pairs cross "
+              "folds")
+    log.info("%d training images (%d malignant), %d folds; %d unreadable skipped",
+             len(train_set), labels.sum(), cfg.cv.folds, len(bad))
+
+    workers = resolve_num_workers(data["num_workers"])
+    log.info("augmentation '%s': %s, %d loader workers", augmentation.get("name"),
+             "crops in the workers, the rest batched on the device" if pipeline.device is not None
+             else "all in the workers", workers)
+    # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
+    # Under torchrun rank 0 writes the disk cache while the others wait, then they map its file.
+    with rank0_first(runtime, enabled=data["cache"] == "disk"):
+        decoded = build_cache(train_set["path"].tolist(), data["cache_edge"] or preprocess.resize, data["cache"],
+                              data["cache_dir"], interpolation=preprocess.interpolation,
+                              digests=train_set["sha256"].tolist() if "sha256" in train_set else None)
+    if runtime.distributed and data["cache"] == "memory" and main:
+        log.info("data.cache=memory: each of the %d ranks decodes the images itself; data.cache=disk decodes "
+                 "them once for all", runtime.world_size)
+    optimizer = OptimizerSettings(**config["optimizer"])
+    # Layer-wise decay protects pretrained features; a randomly initialised body has none to protect.
+    if optimizer.layer_decay is not None and not (m["pretrained"] or m["weights"]):
+        log.info("the model starts from random init: optimizer.layer_decay=%s is not applied", optimizer.layer_decay)
+        optimizer.layer_decay = None
+    cv = cross_validate(
+        train_set[["path", "label"]], fold_of, model_factory, pipeline, runtime, run_dir,
+        optimizer=optimizer, schedule=ScheduleSettings(**config["scheduler"]),
+        train=TrainSettings(**{k: v for k, v in trainer.items() if k not in RUNTIME_KEYS}),
+        loader=LoaderSettings(data["batch_size"], data["eval_batch_size"], workers, data["prefetch_factor"]),
+        decoded=decoded, seed=cfg.seed, calibrate=cfg.cv.calibration == "temperature", config=config,
+        classes=data["classes"])
+    if not main:
+        return {}
+    metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],
+                            n_images=int(len(train_set)), n_positive=int(labels.sum()), n_skipped=len(bad),
+                            grouped_folds=bool(grouped), skipped_files=[{"path": p, "reason": r} for p, r in bad])
+    record_run(run_dir, config, preprocess.to_dict())
+    plot_run(run_dir, THRESHOLD)
+    print(f"\n{m['name']}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):")
+    print(_format_table(metrics["folds"], metrics["mean"], metrics["std"]))
+    at_point, threshold = metrics["oof_at_thresholds"][operating_point], metrics["thresholds"][operating_point]
+    print(f"pooled out-of-fold: AUC {metrics['oof']['auc']:.4f}; at the {operating_point} threshold "
+          f"{threshold:.3g} sensitivity {at_point['sensitivity']:.3f}, specificity "
+          f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
+    warning = degenerate_operating_point(operating_point, threshold, at_point)
+    if warning:
+        log.warning("%s", warning)
+    return metrics
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise TrainingInterrupted(signal.Signals(signum).name)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra's entry: returns the mean monitored metric, for sweepers that optimise it."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # SIGTERM (SLURM preemption, kill) and Ctrl-C stop at once: the files of the last completed
+    # epoch are complete (atomic writes), and resume= goes on from them.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        metrics = report_user_errors("melanoma-train", train, cfg, run_dir,
+                                     multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    except TrainingInterrupted as exc:
+        print(f"melanoma-train: interrupted by {exc}; resume with: melanoma-train <same overrides> "
+              f"resume={run_dir}", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, str(exc)).value) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not metrics or cfg.trainer.monitor == "loss":  # ranks > 0 under torchrun return nothing
+        return None
+    return metrics["mean"].get(cfg.trainer.monitor)
+
+
+def main() -> None:
+    """Console entry point ``melanoma-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

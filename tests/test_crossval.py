@@ -1,0 +1,65 @@
+"""The fold loop called as a plain function, without Hydra: what a notebook user does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from melanoma.checkpoint import load_checkpoint
+from melanoma.crossval import (
+    LoaderSettings,
+    TrainSettings,
+    cross_validate,
+    load_training_set,
+    record_run,
+    write_results,
+)
+from melanoma.folds import make_folds
+from melanoma.models import create_model, model_data_config
+from melanoma.optim import OptimizerSettings, ScheduleSettings
+from melanoma.runtime import resolve_runtime
+from melanoma.transforms import build_pipeline, resolve_preprocess
+
+
+def test_cross_validate_with_plain_arguments(tiny_data: Path, tmp_path: Path) -> None:
+    training = load_training_set("kaggle", tiny_data, ("benign", "malignant"), audit=True, audit_workers=1)
+    records = training.records
+    assert len(records) == 150 and {"path", "label", "group", "sha256"} <= set(records.columns)
+    assert training.summary["n_images"] == 170 and training.skipped == []  # the audit saw the test split too
+    fold_of = make_folds(records["label"], folds=2, seed=0, groups=records["group"])
+
+    def model_factory():
+        return create_model("test_efficientnet", num_classes=1)
+
+    preprocess = resolve_preprocess(32, model_data_config(model_factory()))
+    pipeline = build_pipeline(preprocess, augment=False)
+    cv = cross_validate(records[["path", "label"]], fold_of, model_factory, pipeline, resolve_runtime("cpu", "fp32"),
+                        tmp_path, optimizer=OptimizerSettings("adam", lr=1e-3), schedule=ScheduleSettings(),
+                        train=TrainSettings(epochs=1, deterministic=True), loader=LoaderSettings(batch_size=16),
+                        seed=3, config={"note": "a notebook run"})
+    assert len(cv.folds) == 2 and [f["fold"] for f in cv.folds] == [0, 1] and len(cv.temperatures) == 2
+    assert sorted(cv.oof["path"]) == sorted(records["path"])  # every image predicted once ...
+    assert np.array_equal(cv.oof.sort_index()["fold"].to_numpy(), fold_of)  # ... by the model that never saw it
+    assert cv.oof["prob"].between(0, 1).all() and cv.oof["prob_uncalibrated"].between(0, 1).all()
+    metrics = write_results(cv, tmp_path, "test_efficientnet", "youden", n_images=len(records))
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_images"] == 150 and metrics["operating_point"] == "youden" and len(metrics["folds"]) == 2
+    ckpt = load_checkpoint(tmp_path / "fold1" / "best.pt")
+    assert ckpt["config"] == {"note": "a notebook run"} and ckpt["preprocess"] == preprocess.to_dict()
+    assert ckpt["thresholds"] == metrics["thresholds"] and ckpt["operating_point"] == "youden"
+    assert ckpt["temperature"] == pytest.approx(cv.temperatures[1])
+
+
+def test_a_differing_record_is_not_overwritten_unless_asked(tmp_path: Path) -> None:
+    record_run(tmp_path, {"optimizer": {"lr": 0.001}, "resume": None}, {"image_size": 32})
+    record_run(tmp_path, {"optimizer": {"lr": 0.001}, "resume": str(tmp_path)}, {"image_size": 32}, overwrite=False)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["resume"] == str(tmp_path)  # same run: updated
+    record_run(tmp_path, {"optimizer": {"lr": 0.1}, "resume": str(tmp_path)}, {"image_size": 32}, overwrite=False)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optimizer"]["lr"] == 0.001  # a refused resume
+    record_run(tmp_path, {"optimizer": {"lr": 0.1}}, {"image_size": 64})
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"optimizer": {"lr": 0.1}}
+    assert json.loads((tmp_path / "preprocess.json").read_text()) == {"image_size": 64}
