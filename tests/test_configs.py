@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import zipfile
@@ -117,6 +118,7 @@ def test_demo_experiment_is_offline_on_the_shipped_real_set() -> None:
     assert manifest.parent.parent.parent == Path(resources.files("melanoma"))  # inside the package
 
 
+@pytest.mark.slow  # builds the wheel: the slow tier (scripts/test.sh -m slow)
 def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -134,12 +136,15 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     assert {"melanoma/configs/hydra/launcher/slurm.yaml", "melanoma/configs/hydra/launcher/parallel.yaml"} <= names
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "explain", "audit", "bench"])
-def test_help_starts_with_what_the_command_does(command: str) -> None:
-    exe = Path(sys.executable).with_name(f"melanoma-{command}")
-    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-1000:]
-    text = result.stdout
+@pytest.mark.parametrize(("command", "module"), [("train", "train"), ("eval", "evaluate"), ("predict", "predict"),
+                                               ("explain", "explain"), ("audit", "audit"), ("bench", "bench")])
+def test_help_starts_with_what_the_command_does(command: str, module: str, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [f"melanoma-{command}", "--help"])  # in-process: what the console script runs
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"melanoma.cli.{module}").main()
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
     assert text.startswith(f"melanoma-{command}: ") and "powered by Hydra" not in text
     assert text.index("Examples:") < text.index("== Configuration groups ==") < text.index("== Config ==")
     assert text.count(f"melanoma-{command} ") >= 2  # at least two example command lines

@@ -168,6 +168,17 @@ def test_a_run_directory_alone_redraws_every_figure_and_the_report(runs: Path, t
     assert "config.yaml" in reader.pages[-1].extract_text() and "lr: 0.01" in reader.pages[-1].extract_text()
 
 
+def test_a_run_from_before_config_yaml_reads_hydras_copy_as_written(runs: Path, tmp_path: Path) -> None:
+    from melanoma.reporting.runs import collect
+
+    old = shutil.copytree(runs / "sweep" / "2", tmp_path / "old")
+    (old / "config.yaml").unlink()
+    (found,), _ = collect([old], eval_dirs=())
+    assert found.config["optimizer"]["lr"] == 0.001 and found.config["data"]["batch_size"] == 32
+    assert found.config["data"]["cache_dir"].startswith("${oc.env:MELANOMA_CACHE")  # not resolved here
+    assert "optimizer.lr=0.001" in found.overrides
+
+
 def test_no_runs_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), str(tmp_path / "missing"), "--out", str(tmp_path / "out")])

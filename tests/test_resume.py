@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from melanoma.checkpoint import load_checkpoint
 
@@ -88,6 +89,7 @@ def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Pa
     assert [_metrics(tmp_path / "sweep" / str(j)) for j in (0, 1)] == before
 
 
+@pytest.mark.slow  # two torchrun processes: the slow tier (scripts/test.sh -m slow)
 def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_data: Path, tmp_path: Path) -> None:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     run = tmp_path / "ddp"

@@ -151,27 +151,6 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-def test_multirun_of_two_points(tiny_data: Path, tmp_path: Path) -> None:
-    result = _cli("-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "optimizer.lr=0.001,0.01",
-                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for job, lr in ((0, 0.001), (1, 0.01)):
-        job_dir = tmp_path / "sweep" / str(job)
-        assert json.loads((job_dir / "metrics.json").read_text())["n_images"] == 150
-        config = (job_dir / ".hydra" / "config.yaml").read_text()
-        assert f"lr: {lr}" in config
-        assert load_checkpoint(job_dir / "fold0" / "best.pt")["config"]["optimizer"]["lr"] == lr
-
-
-def test_a_failing_sweep_point_does_not_stop_the_others(tiny_data: Path, tmp_path: Path) -> None:
-    result = _cli("-m", f"data.root={tmp_path / 'missing'},{tiny_data}", *TINY, "trainer.epochs=1",
-                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    assert result.returncode != 0  # the sweep reports its failed point ...
-    assert "melanoma-train: error: data.root=" in result.stderr
-    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
-    assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["n_images"] == 150  # ... after the rest
-
-
 def test_cli_error_is_one_line_with_the_fix(tmp_path: Path) -> None:
     result = _cli(f"data.root={tmp_path / 'nowhere'}", "model.pretrained=false", f"hydra.run.dir={tmp_path / 'r'}",
                   cwd=tmp_path)
@@ -181,6 +160,7 @@ def test_cli_error_is_one_line_with_the_fix(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # nine training runs: the slow tier (scripts/test.sh -m slow)
 def test_seed_grid_preset_launches_nine_runs(tiny_data: Path, tmp_path: Path) -> None:
     tiny = [o for o in TINY if not o.startswith("data.batch_size")]  # the grid sets it
     result = _cli("hparams=seed_grid", f"data.root={tiny_data}", *tiny, "trainer.epochs=1", "cv.folds=2",
@@ -221,9 +201,22 @@ def test_divergence_stops_the_fold_with_the_way_out(tiny_data: Path, tmp_path: P
         _train(tiny_data, tmp_path, "optimizer=sgd", "optimizer.lr=1e8")
 
 
-def test_a_diverging_sweep_point_does_not_stop_the_other(tiny_data: Path, tmp_path: Path) -> None:
-    result = _cli("-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "optimizer=sgd", "optimizer.lr=1e8,0.01",
-                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    assert result.returncode != 0 and "lower optimizer.lr" in result.stderr
-    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
-    assert (tmp_path / "sweep" / "1" / "metrics.json").is_file()
+def test_a_sweep_records_each_point_and_goes_on_past_failing_and_diverging_ones(tiny_data: Path,
+                                                                              tmp_path: Path) -> None:
+    # 2 x 2 points: a missing data root fails at once, lr 1e8 diverges, only (tiny_data, 0.01) trains
+    result = _cli("-m", f"data.root={tmp_path / 'missing'},{tiny_data}", "optimizer.lr=1e8,0.01", *TINY,
+                  "trainer.epochs=1", "optimizer=sgd", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode != 0  # the sweep reports its failed points ...
+    assert "melanoma-train: error: data.root=" in result.stderr and "lower optimizer.lr" in result.stderr
+    finished = []
+    for job in range(4):
+        job_dir = tmp_path / "sweep" / str(job)
+        overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+        point = (next(o for o in overrides if o.startswith("data.root=")) == f"data.root={tiny_data}",
+                 float(next(o for o in overrides if o.startswith("optimizer.lr="))[13:]))
+        if (job_dir / "metrics.json").is_file():  # ... after running the rest
+            finished.append(point)
+            assert json.loads((job_dir / "metrics.json").read_text())["n_images"] == 150
+            assert yaml.safe_load((job_dir / "config.yaml").read_text())["optimizer"]["lr"] == 0.01
+            assert load_checkpoint(job_dir / "fold0" / "best.pt")["config"]["optimizer"]["lr"] == 0.01
+    assert finished == [(True, 0.01)]
