@@ -11,7 +11,7 @@ run=outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)
 cat <<NEXT
 
 Next steps on this run:
-  .venv/bin/melanoma-eval ckpt=$run eval.tta=flip hydra.run.dir=$run/eval   # the held-out test split, with CIs
+  .venv/bin/melanoma-eval ckpt=$run hydra.run.dir=$run/eval                 # the held-out test split, with CIs
   .venv/bin/melanoma-explain ckpt=$run                                        # Grad-CAM maps of test lesions
   .venv/bin/melanoma-report $run                                              # report.pdf and results.md
 NEXT

@@ -34,12 +34,15 @@ FIGURE_ERRORS = (OSError, KeyError, TypeError, ValueError, pd.errors.ParserError
 
 
 def describe_data(run: Run, short: bool = False) -> str:
-    """Which images a run learned from, e.g. 'synthetic demo data (melanoma-synth)'."""
+    """Which images a run learned from, e.g. 'the ISIC UDA-1 demo set shipped with melanoma'."""
     data = run.config.get("data") or {}
+    where = Path(str(data.get("root") or data.get("manifest")))
     if data.get("synthetic"):
         what = "synthetic demo data (melanoma-synth)"
+    elif where.parent.name == "demo_data" and where.parent.parent.name == "melanoma":
+        what = f"the {where.name} demo set shipped with melanoma (real dermoscopy)"
     elif data:
-        what = f"{data.get('layout')} data at {data.get('root') or data.get('manifest')}"
+        what = f"{data.get('layout')} data at {where}"
     else:
         what = "data not recorded"
     n, positive = run.metrics.get("n_images"), run.metrics.get("n_positive")
