@@ -119,7 +119,8 @@ def test_preprocessing_is_the_models_unless_the_config_sets_it() -> None:
                                                                               "bilinear", 114)
     assert resolve_preprocess(224, {"mean": MEAN, "std": STD, "crop_pct": 0.95}).resize == 235  # floor(235.79), timm's
     assert own.to_dict()["mean"] == [0.5, 0.5, 0.5]  # plain lists for JSON and weights_only checkpoints
-    with pytest.raises(ConfigError, match="augmentation.interpolation='lanczos' is not one of"):
+    with pytest.raises(ConfigError, match=r"interpolation 'lanczos' \(augmentation.interpolation, or the model's "
+                                          r"timm config\) is not one of"):
         resolve_preprocess(32, model, interpolation="lanczos")
     with pytest.raises(ConfigError, match=r"augmentation.crop_pct=1.5 must be in \(0, 1\]"):
         resolve_preprocess(32, model, crop_pct=1.5)
@@ -143,3 +144,14 @@ def test_device_augmentation_without_kornia_names_the_fix(monkeypatch: pytest.Mo
     with pytest.raises(ConfigError, match=r"augmentation.on_device=true needs kornia .*pip install kornia"):
         make_pipeline(32, MEAN, STD, on_device=True)
     assert make_pipeline(32, MEAN, STD, on_device=True, augment=False).device is not None  # no kornia needed
+
+
+def test_a_record_from_before_resize_was_recorded_evaluates_as_it_trained() -> None:
+    from melanoma.transforms import eval_transform
+
+    old = {"image_size": 32, "crop_pct": 0.875, "mean": MEAN, "std": STD}  # session 4: round(), bilinear
+    resize = eval_transform(old).transforms[1]
+    assert (resize.size, resize.interpolation.value) == ([37], "bilinear")  # round(36.57); floor gives 36
+    new = resolve_preprocess(32, {"mean": MEAN, "std": STD, "crop_pct": 0.875, "interpolation": "bicubic"})
+    assert eval_transform(new.to_dict()).transforms[1].size == [36] == [new.resize]
+    assert eval_transform(new.to_dict() | {"resize": 40}).transforms[1].size == [40]  # the record wins

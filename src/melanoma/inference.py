@@ -53,7 +53,8 @@ class Ensemble:
         models: the models, in eval mode on the runtime's device.
         paths: their checkpoint files.
         config: the resolved training config of the first checkpoint.
-        preprocess: ``image_size``, ``mean``, ``std``, ``crop_pct`` the models were trained with.
+        preprocess: how the models' input was made (``transforms.Preprocess.to_dict``: image_size, resize,
+            crop_pct, interpolation, mean, std; older runs lack resize and interpolation).
         thresholds: operating points chosen on the run's out-of-fold predictions.
         operating_point: the name of the run's chosen threshold.
         temperatures: each model's calibration temperature (1 for an uncalibrated model).

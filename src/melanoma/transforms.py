@@ -24,8 +24,8 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
         ConfigError: another name.
     """
     if name not in INTERPOLATIONS:
-        raise ConfigError(f"augmentation.interpolation={name!r} is not one of {', '.join(INTERPOLATIONS)} "
-                          "(or null for the model's own)")
+        raise ConfigError(f"interpolation {name!r} (augmentation.interpolation, or the model's timm config) is not "
+                          f"one of {', '.join(INTERPOLATIONS)}; set augmentation.interpolation=bicubic or bilinear")
     return INTERPOLATIONS[name]
 
 
@@ -71,6 +71,7 @@ def build_transforms(
     augment: bool = True,
     crop_pct: float = CROP_PCT,
     interpolation: str = "bilinear",
+    resize: int | None = None,
     scale: Sequence[float] = (0.08, 1.0),
     hflip: float = 0.5,
     vflip: float = 0.0,
@@ -95,6 +96,8 @@ def build_transforms(
         augment: with ``False`` the training transform equals the evaluation transform.
         crop_pct: share of the resized image kept by the evaluation centre crop.
         interpolation: resampling of every resize (``bilinear``, ``bicubic``, ``nearest``).
+        resize: short side of the evaluation resize; ``None`` is :func:`eval_resize` of ``image_size``
+            and ``crop_pct``.
         scale: area range of the random resized crop.
         hflip: probability of a horizontal flip.
         vflip: probability of a vertical flip.
@@ -114,7 +117,7 @@ def build_transforms(
     if train and augment:
         steps.append(v2.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=mode, antialias=True))
     else:
-        steps += [v2.Resize(eval_resize(image_size, crop_pct), interpolation=mode, antialias=True),
+        steps += [v2.Resize(resize or eval_resize(image_size, crop_pct), interpolation=mode, antialias=True),
                   v2.CenterCrop(image_size)]
     if train and on_device:  # only what needs the whole, variably sized image stays on the CPU
         return v2.Compose([*steps, v2.ToPureTensor()])
@@ -266,8 +269,8 @@ def build_pipeline(preprocess: Preprocess, *, name: str = "", on_device: bool = 
     if on_device:
         keys = ("augment", "hflip", "vflip", "rot90", "rotation", "color_jitter")
         device = build_device_transform(mean=mean, std=std, **{k: recipe[k] for k in keys if k in recipe})
-    common = {"mean": mean, "std": std, "crop_pct": preprocess.crop_pct,
-              "interpolation": preprocess.interpolation} | recipe
+    common = {"mean": mean, "std": std, "crop_pct": preprocess.crop_pct, "interpolation": preprocess.interpolation,
+              "resize": preprocess.resize} | recipe
     return Pipeline(build_transforms(preprocess.image_size, train=True, on_device=on_device, **common),
                     build_transforms(preprocess.image_size, train=False, **common), device, preprocess)
 
@@ -275,7 +278,10 @@ def build_pipeline(preprocess: Preprocess, *, name: str = "", on_device: bool = 
 def eval_transform(preprocess: dict) -> v2.Compose:
     """The evaluation transform of a recorded preprocessing (a checkpoint's or ``preprocess.json``'s).
 
-    Records from before interpolation was recorded resized bilinearly.
+    Records from before ``resize`` and ``interpolation`` were recorded (session 4 and earlier) are
+    evaluated as they trained: bilinear, resized to ``round(image_size / crop_pct)``.
     """
-    return build_transforms(preprocess["image_size"], train=False, mean=preprocess["mean"], std=preprocess["std"],
-                            crop_pct=preprocess["crop_pct"], interpolation=preprocess.get("interpolation", "bilinear"))
+    size, crop = preprocess["image_size"], preprocess["crop_pct"]
+    return build_transforms(size, train=False, mean=preprocess["mean"], std=preprocess["std"], crop_pct=crop,
+                            interpolation=preprocess.get("interpolation", "bilinear"),
+                            resize=preprocess.get("resize", round(size / crop)))
