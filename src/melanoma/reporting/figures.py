@@ -41,7 +41,7 @@ def describe_data(run: Run, short: bool = False) -> str:
         what = "synthetic demo data (melanoma-synth)"
     elif where.parent.name == "demo_data" and where.parent.parent.name == "melanoma":
         what = f"the {where.name} demo set shipped with melanoma (real dermoscopy)"
-    elif data:
+    elif data.get("root") or data.get("manifest"):
         what = f"{data.get('layout')} data at {where}"
     else:
         what = "data not recorded"

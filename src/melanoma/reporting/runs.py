@@ -75,17 +75,31 @@ def _last_error(log: Path) -> str | None:
     return re.sub(r"^(\[[^]]*\])+\s*-?\s*", "", errors[-1]).strip()[:200] if errors else None
 
 
+def _unknown_interpolations(tree: dict) -> dict:
+    """``tree`` with every string that holds an unresolved ``${...}`` replaced by ``None``."""
+    return {k: _unknown_interpolations(v) if isinstance(v, dict) else
+            None if isinstance(v, str) and "${" in v else v for k, v in tree.items()}
+
+
 def _load_config(run_dir: Path) -> tuple[dict, list[str]]:
     """The run's config and Hydra overrides.
 
     ``config.yaml`` holds the config as resolved in the training environment. A run from before
-    it existed falls back to Hydra's ``.hydra/config.yaml``, whose interpolations stay as written.
+    it existed falls back to Hydra's ``.hydra/config.yaml``, whose interpolations (``${...}``) were
+    never resolved: they are read as unknown (``None``), not resolved in the reader's environment.
+
+    Raises:
+        ValueError: a config file that is not a mapping.
     """
     hydra_dir = run_dir / ".hydra"
     config = {}
     for path in (run_dir / "config.yaml", hydra_dir / "config.yaml"):
         if path.is_file():
             config = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(config, dict):
+                raise ValueError(f"{path} holds no mapping")
+            if path.parent == hydra_dir:
+                config = _unknown_interpolations(config)
             break
     overrides = []
     if (hydra_dir / "overrides.yaml").is_file():
