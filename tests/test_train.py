@@ -18,7 +18,7 @@ from PIL import Image
 import melanoma.crossval as crossval
 from melanoma.checkpoint import load_checkpoint
 from melanoma.cli.train import train
-from melanoma.errors import DataError
+from melanoma.errors import ConfigError, DataError
 from melanoma.metrics import METRICS
 
 from conftest import TINY, make_config
@@ -220,3 +220,11 @@ def test_a_sweep_records_each_point_and_goes_on_past_failing_and_diverging_ones(
             assert yaml.safe_load((job_dir / "config.yaml").read_text())["optimizer"]["lr"] == 0.01
             assert load_checkpoint(job_dir / "fold0" / "best.pt")["config"]["optimizer"]["lr"] == 0.01
     assert finished == [(True, 0.01)]
+
+
+def test_an_unknown_group_key_is_refused_before_anything_is_written(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.epoch is not a key of trainer \(close: epochs\)"):
+        _train(tiny_data, tmp_path / "run", "+trainer.epoch=3")
+    with pytest.raises(ConfigError, match=r"optimizer.learning_rate is not a key of optimizer"):
+        _train(tiny_data, tmp_path / "run", "+optimizer.learning_rate=0.1")
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,8 @@ into plain arguments for the data, folds, models, engine, metrics and plots modu
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import signal
 import sys
@@ -51,6 +53,21 @@ log = logging.getLogger("melanoma.train")
 PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")  # augmentation keys that override the model's
 
 
+def _settings(cls: type, values: dict, group: str):
+    """``cls(**values)``, where a key that ``cls`` does not take is one error line naming the close keys.
+
+    Raises:
+        ConfigError: an unknown key, e.g. ``+trainer.epoch=3`` for ``trainer.epochs=3``.
+    """
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            raise ConfigError(f"{group}.{key} is not a key of {group} (close: {', '.join(close) or 'none'}); "
+                              f"the keys are {', '.join(known)}")
+    return cls(**values)
+
+
 def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
     """The seed-style results table: one row per fold, then mean ± std."""
     keys = ["accuracy", "f1", "precision", "recall", "auc"]
@@ -76,6 +93,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.cv.calibration not in ("temperature", "none"):
         raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
     trainer = config["trainer"]
+    # Every key of these groups is checked before anything is read or written.
+    optimizer = _settings(OptimizerSettings, config["optimizer"], "optimizer")
+    schedule = _settings(ScheduleSettings, config["scheduler"], "scheduler")
+    settings = _settings(TrainSettings, {k: v for k, v in trainer.items() if k not in RUNTIME_KEYS}, "trainer")
     runtime = resolve_runtime(**{k: trainer[k] for k in RUNTIME_KEYS})
     run_dir = broadcast(run_dir, runtime)  # torchrun: every rank uses rank 0's run directory
     main = runtime.is_main
@@ -131,15 +152,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if runtime.distributed and data["cache"] == "memory" and main:
         log.info("data.cache=memory: each of the %d ranks decodes the images itself; data.cache=disk decodes "
                  "them once for all", runtime.world_size)
-    optimizer = OptimizerSettings(**config["optimizer"])
     # Layer-wise decay protects pretrained features; a randomly initialised body has none to protect.
     if optimizer.layer_decay is not None and not (m["pretrained"] or m["weights"]):
         log.info("the model starts from random init: optimizer.layer_decay=%s is not applied", optimizer.layer_decay)
         optimizer.layer_decay = None
     cv = cross_validate(
         train_set[["path", "label"]], fold_of, model_factory, pipeline, runtime, run_dir,
-        optimizer=optimizer, schedule=ScheduleSettings(**config["scheduler"]),
-        train=TrainSettings(**{k: v for k, v in trainer.items() if k not in RUNTIME_KEYS}),
+        optimizer=optimizer, schedule=schedule, train=settings,
         loader=LoaderSettings(data["batch_size"], data["eval_batch_size"], workers, data["prefetch_factor"]),
         decoded=decoded, seed=cfg.seed, calibrate=cfg.cv.calibration == "temperature", config=config,
         classes=data["classes"])
