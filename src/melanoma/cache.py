@@ -129,7 +129,7 @@ def build_cache(paths: Sequence[str], edge: int, cache: CacheMode, cache_dir: st
         workers: decoding threads (default: the usable cores).
 
     Returns:
-        The decoded images, or ``None`` for ``mode="none"``.
+        The decoded images, or ``None`` for ``cache="none"``.
 
     Raises:
         ConfigError: unknown mode, a non-positive edge, or no ``cache_dir`` for a disk cache.

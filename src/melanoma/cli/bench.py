@@ -42,7 +42,7 @@ from melanoma.models import create_model, model_data_config
 from melanoma.optim import create_optimizer
 from melanoma.runtime import Runtime, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import build_pipeline, resolve_preprocess
+from melanoma.transforms import Preprocess, build_pipeline, resolve_preprocess
 
 log = logging.getLogger("melanoma.bench")
 
@@ -159,8 +159,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     # (d) the same loop fed by timm's loader over the same images and batch size.
     if b.timm_loader:
         pre = pipeline.preprocess
-        results["timm_loader"] = _loop_rate(_timm_loader(paths, classes, size, batch, workers, pre.mean, pre.std, aug,
-                                                         runtime), loop_warmup, b.steps, batch,
+        results["timm_loader"] = _loop_rate(_timm_loader(paths, classes, size, batch, workers, pre, aug, runtime),
+                                            loop_warmup, b.steps, batch,
                                             lambda batches: train_one_epoch(model, batches, optimizer, loss_fn,
                                                                             runtime, scaler, desc="timm loader"),
                                             runtime)
@@ -194,8 +194,8 @@ def _loop_rate(loader, warmup: int, steps: int, batch: int, run, runtime: Runtim
     return steps * batch / seconds
 
 
-def _timm_loader(paths: list[str], classes: tuple[str, str], size: int, batch: int, workers: int, mean, std, aug: dict,
-                 runtime: Runtime):
+def _timm_loader(paths: list[str], classes: tuple[str, str], size: int, batch: int, workers: int,
+                 pre: Preprocess, aug: dict, runtime: Runtime):
     """``timm.data.create_loader`` over the same files, with the closest augmentation timm offers.
 
     timm has no small-angle rotation, so this side does slightly less work per image than ours.
@@ -209,8 +209,9 @@ def _timm_loader(paths: list[str], classes: tuple[str, str], size: int, batch: i
     jitter = tuple(aug["color_jitter"]) if aug.get("augment", True) and aug["color_jitter"] else 0.0
     loader = timm.data.create_loader(
         dataset, input_size=(3, size, size), batch_size=batch, is_training=True, no_aug=not aug.get("augment", True),
-        scale=tuple(aug["scale"]), hflip=aug["hflip"], vflip=aug["vflip"], color_jitter=jitter, mean=tuple(mean),
-        std=tuple(std), num_workers=workers, pin_memory=runtime.device.type == "cuda", device=runtime.device,
+        scale=tuple(aug["scale"]), hflip=aug["hflip"], vflip=aug["vflip"], color_jitter=jitter, mean=pre.mean,
+        std=pre.std, interpolation=pre.interpolation, crop_pct=pre.crop_pct, num_workers=workers,
+        pin_memory=runtime.device.type == "cuda", device=runtime.device,
         use_prefetcher=runtime.device.type == "cuda", persistent_workers=workers > 0)
     return ((images.to(runtime.device), targets.float()) for images, targets in loader)
 
