@@ -94,8 +94,14 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     except ValueError:  # a damaged cache is rebuilt, never trusted
         cache = {}
-    shas = [file_digest(p) for p in paths]
-    todo = sorted({s: p for s, p in zip(shas, paths, strict=True) if s not in cache}.items())
+    shas, unreadable = [], {}
+    for path in paths:  # a missing or unreadable file is a finding (data.on_bad_file decides), not a crash
+        try:
+            shas.append(file_digest(path))
+        except OSError as exc:
+            shas.append(None)
+            unreadable[path] = f"{type(exc).__name__}: {exc.strerror or exc}"
+    todo = sorted({s: p for s, p in zip(shas, paths, strict=True) if s is not None and s not in cache}.items())
     if todo:
         workers = workers or os.cpu_count() or 1
         if workers > 1 and len(todo) > 32:
@@ -108,7 +114,7 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
             tmp.write_text(json.dumps(cache))
     rows = []
     for path, sha in zip(paths, shas, strict=True):
-        entry = cache[sha]
+        entry = cache[sha] if sha is not None else {"error": unreadable[path]}
         rows.append({"path": path, "sha256": sha, "size": tuple(entry.get("size", ())), "mode": entry.get("mode"),
                      "error": entry.get("error"),
                      "hashes": np.array(entry["hashes"], dtype=np.uint64) if "hashes" in entry else None})

@@ -85,6 +85,18 @@ def update_checkpoint(path: str | Path, **fields: Any) -> None:
         torch.save(payload, tmp)
 
 
+def load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely.
+
+    torch's message suggests ``weights_only=False``, which would run whatever code the pickle carries:
+    never the way out for a file of unknown origin.
+    """
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text or type(exc).__name__ == "UnpicklingError":
+        return "it holds Python objects besides tensors and plain values; nothing in it was run"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
@@ -98,8 +110,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path} is not a loadable checkpoint ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200]}); it may be truncated or carry code") from None
+        raise WeightsError(f"{path} is not a loadable checkpoint ({load_failure(exc)}); it may be truncated, "
+                           "or not a melanoma-train checkpoint") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise WeightsError(f"{path} is not a melanoma checkpoint (no model state)")
     version = payload.get("format_version")

@@ -113,7 +113,8 @@ class CrossValidation:
 
 def load_training_set(layout: str, root: str | Path | None, classes: Sequence[str], manifest: str | Path | None = None,
                       on_bad_file: str = "error", synthetic: Mapping | None = None, audit: bool = True,
-                      audit_threshold: int = 14, audit_workers: int | None = None) -> TrainingSet:
+                      audit_threshold: int = 14, audit_workers: int | None = None,
+                      records: pd.DataFrame | None = None) -> TrainingSet:
     """The training split of a dataset, audited, with unreadable files handled by ``on_bad_file``.
 
     Args:
@@ -124,14 +125,16 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
             duplicate ``group`` and each file's ``sha256``).
         audit_threshold: pHash Hamming distance of a near duplicate.
         audit_workers: hashing processes (``None``: all cores).
+        records: the dataset's records when the caller already listed them (:func:`load_records`).
 
     Raises:
         DataError: the split is missing, holds one class, or holds an unreadable file under ``error``.
     """
-    if synthetic:
-        generate_dataset(root, **synthetic)
     classes = tuple(classes)
-    records = load_records(layout, root, classes, manifest)
+    if records is None:
+        if synthetic:
+            generate_dataset(root, **synthetic)
+        records = load_records(layout, root, classes, manifest)
     train_set = split_records(records, "train", classes)  # fails early on a missing or one-class split
     if not audit:
         bad = scan_images(train_set["path"].tolist(), on_bad_file)

@@ -81,7 +81,7 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str]) 
                             "the manifest needs path,label and optionally split")
     base = root if root is not None else manifest.parent
     names = {c.lower(): i for i, c in enumerate(classes)} | {"0": 0, "1": 1}
-    rows = []
+    rows, first_line, repeated = [], {}, 0
     for line, rec in enumerate(table.to_dict("records"), start=2):
         label = names.get(rec["label"].strip().lower())
         if label is None:
@@ -91,7 +91,19 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str]) 
         if split not in SPLITS:
             raise DataError(f"{manifest}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
         path = Path(rec["path"])
-        rows.append({"path": str(path if path.is_absolute() else base / path), "label": label, "split": split})
+        row = {"path": str(path if path.is_absolute() else base / path), "label": label, "split": split}
+        if row["path"] in first_line:  # one image, one row: a repeat would be trained (or tested) twice
+            before = rows[first_line[row["path"]][1]]
+            if before != row:
+                raise DataError(f"{manifest}:{line}: {rec['path']} is also on line {first_line[row['path']][0]} "
+                                f"with label {before['label']}, split {before['split']} (here label {label}, split "
+                                f"{split}); keep one row per image")
+            repeated += 1
+            continue
+        first_line[row["path"]] = (line, len(rows))
+        rows.append(row)
+    if repeated:
+        log.warning("%s: %d repeated row(s) of the same image, label and split were read once", manifest, repeated)
     return rows
 
 

@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+from melanoma.checkpoint import load_failure
 from melanoma.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as exc:  # unpickling errors, truncation, code-carrying pickles, no dict at all
-        raise WeightsError(f"model.weights={path} cannot be loaded as plain tensors "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise WeightsError(f"model.weights={path} cannot be loaded as plain tensors ({load_failure(exc)})") from None
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"model.weights={path} holds no state dict of tensors")
     return obj
@@ -225,6 +225,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
                                                     **kwargs))
         reason = "the Hugging Face hub is unreachable and the weights are not cached"
     raise WeightsError(f"model.pretrained=true could not get timm's weights for {name!r} ({reason}); "
+                       "use the offline ImageNet weights (model=efficientnet_lite0 model.weights=lite0-package), "
                        "pass model.weights=PATH to a local state dict, or model.pretrained=false to train "
                        "from random init")
 

@@ -39,7 +39,7 @@ from melanoma.crossval import (
     record_run,
     write_results,
 )
-from melanoma.data import resolve_num_workers
+from melanoma.data import load_records, resolve_num_workers, split_records
 from melanoma.errors import ConfigError, TrainingInterrupted, report_user_errors
 from melanoma.folds import make_folds
 from melanoma.metrics import degenerate_operating_point
@@ -87,6 +87,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """
     start = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.resume is not None and not (Path(str(cfg.resume)).expanduser() / "folds.csv").is_file():
+        raise ConfigError(f"resume={cfg.resume} holds no melanoma-train run (no folds.csv); point it at the folder "
+                          "of an interrupted run, or leave resume= out to start a new one")
     operating_point = str(cfg.cv.operating_point)
     if operating_point not in OPERATING_POINTS:
         raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
@@ -104,6 +107,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              runtime.world_size)
 
     m, data = config["model"], config["data"]
+    records = None
+    if not data["synthetic"]:  # the data first: a missing folder fails in seconds, before weights are fetched
+        records = load_records(data["layout"], data["root"], data["classes"], data["manifest"])
+        split_records(records, "train", tuple(data["classes"]))
 
     def model_factory() -> torch.nn.Module:
         return create_model(m["name"], m["pretrained"], m["weights"], drop_rate=m["drop_rate"])
@@ -120,7 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     audit = config["audit"]
     training = load_training_set(data["layout"], data["root"], data["classes"], data["manifest"], data["on_bad_file"],
                                  data["synthetic"], audit=audit["enabled"], audit_threshold=audit["threshold"],
-                                 audit_workers=audit["workers"])
+                                 audit_workers=audit["workers"], records=records)
     train_set, bad = training.records, training.skipped
     labels = train_set["label"].to_numpy()
     grouped = cfg.cv.group_duplicates and training.summary is not None

@@ -1,0 +1,93 @@
+"""Mistakes a user can make (#14): each is one line naming the file or key and the fix, and nothing is lost."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from melanoma.checkpoint import load_checkpoint
+from melanoma.cli.train import train
+from melanoma.crossval import load_training_set
+from melanoma.data import load_records
+from melanoma.errors import ConfigError, DataError, WeightsError
+from melanoma.models import create_model
+
+from conftest import TINY, make_config
+
+
+def _manifest(tmp_path: Path, tiny_data: Path, extra: list[str]) -> Path:
+    """A CSV manifest of the tiny set's training images, plus ``extra`` lines."""
+    records = load_records("kaggle", tiny_data)
+    lines = ["path,label,split", *[f"{r.path},{r.label},{r.split}" for r in records.itertuples()], *extra]
+    path = tmp_path / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_audit_applies_on_bad_file_to_a_missing_file(tiny_data: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "gone.jpg"
+    manifest = _manifest(tmp_path, tiny_data, [f"{missing},1,train"])
+    kept = load_training_set("csv", None, ("benign", "malignant"), manifest, on_bad_file="skip", audit_workers=1)
+    assert len(kept.records) == 150 and kept.skipped == [(str(missing), kept.skipped[0][1])]
+    assert kept.skipped[0][1].startswith("FileNotFoundError")
+    assert kept.summary["unreadable"] == [{"path": str(missing), "reason": kept.skipped[0][1]}]  # in audit.json
+    with pytest.raises(DataError, match=rf"{missing} is not a readable image \(FileNotFoundError.*"
+                                        r"data.on_bad_file=skip"):
+        load_training_set("csv", None, ("benign", "malignant"), manifest, on_bad_file="error", audit_workers=1)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_the_audit_applies_on_bad_file_to_an_unreadable_file(tiny_data: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked.jpg"
+    locked.write_bytes(next((tiny_data / "train" / "benign").iterdir()).read_bytes())
+    locked.chmod(0)
+    manifest = _manifest(tmp_path, tiny_data, [f"{locked},0,train"])
+    kept = load_training_set("csv", None, ("benign", "malignant"), manifest, on_bad_file="skip", audit_workers=1)
+    assert kept.skipped[0][0] == str(locked) and kept.skipped[0][1].startswith("PermissionError")
+
+
+def test_repeated_manifest_rows_collapse_and_conflicting_labels_are_one_line(
+        tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = load_records("kaggle", tiny_data).iloc[0]
+    manifest = _manifest(tmp_path, tiny_data, [f"{first.path},{first.label},{first.split}"] * 2)
+    with caplog.at_level(logging.WARNING):
+        records = load_records("csv", None, manifest=manifest)
+    assert len(records) == 170 and records["path"].is_unique
+    assert "2 repeated row(s) of the same image, label and split were read once" in caplog.text
+    conflicting = _manifest(tmp_path, tiny_data, [f"{first.path},{1 - first.label},{first.split}"])
+    with pytest.raises(DataError, match=rf"manifest.csv:172: {first.path} is also on line 2 with label "
+                                        rf"{first.label}, split {first.split} \(here label {1 - first.label}"):
+        load_records("csv", None, manifest=conflicting)
+
+
+def test_a_resume_path_that_holds_no_run_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"resume=.*nowhere holds no melanoma-train run \(no folds.csv\)"):
+        train(make_config([f"data.root={tiny_data}", *TINY, f"resume={tmp_path / 'nowhere'}"]), tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_missing_data_is_named_before_any_weights_are_fetched(tmp_path: Path) -> None:
+    # pretrained=true on a machine without the hub would fail on the weights; the data is checked first
+    with pytest.raises(DataError, match=r"data.root=.*nonexistent is not a folder"):
+        train(make_config([f"data.root={tmp_path / 'nonexistent'}", "model=efficientnet_b0"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refusals_never_suggest_loading_unsafely(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": {}, "format_version": 1, "x": Evil()}, tmp_path / "evil.pt")
+    torch.save({"weight": Evil()}, tmp_path / "evil_weights.pt")
+    for load, match in ((lambda: load_checkpoint(tmp_path / "evil.pt"), "not a loadable checkpoint"),
+                        (lambda: create_model("test_resnet", weights=str(tmp_path / "evil_weights.pt")),
+                         "cannot be loaded as plain tensors")):
+        with pytest.raises(WeightsError, match=match) as info:
+            load()
+        assert "weights_only" not in str(info.value) and "False" not in str(info.value)
+        assert "nothing in it was run" in str(info.value)
