@@ -210,6 +210,19 @@ def test_each_image_is_decoded_once_per_ensemble(run_dir: Path, tmp_path: Path,
     assert len(calls) == 20 == len(set(calls))  # 3 models x 2 views, one decode per image
 
 
+def test_a_kaggle_test_split_of_one_class_is_scored_not_refused(run_dir: Path, tiny_data: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    for image in (data / "test" / "malignant").iterdir():
+        image.unlink()
+    metrics = evaluate_run(_eval_cfg(run_dir, f"data.root={data}"), tmp_path / "out")
+    assert metrics["n_images"] == 10 and metrics["n_positive"] == 0
+    assert metrics["unavailable"]["auc"] == "the test set holds only benign images"
+    assert metrics["dedup"]["n_removed"] == 0
+    printed = capsys.readouterr().out
+    assert "auc: unavailable" in printed and "Without the" not in printed  # no second, identical table
+
+
 def test_dedup_metrics_leave_out_exactly_the_test_copies_of_train_images(run_dir: Path, tiny_data: Path,
                                                                           tmp_path: Path) -> None:
     data = tmp_path / "data"

@@ -230,7 +230,9 @@ def load_eval_set(data: Mapping, split: str,
         raise ConfigError(f"{split_key}={split!r} is not one of test, train, all")
     if data.get("synthetic"):
         generate_dataset(data["root"], **data["synthetic"])
-    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"))
+    # strict=False: an empty class folder is a one-class split, scored with the metrics that need
+    # both classes reported as unavailable, not refused
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False)
     if data["layout"] != "folder" and split != "all":
         records = records[records["split"] == split]
     if records.empty:

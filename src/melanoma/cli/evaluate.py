@@ -126,7 +126,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         print(f"{name} threshold (chosen on out-of-fold predictions, sensitivity {promise['oof']['sensitivity']:.3f} "
               f"there): sensitivity {_cell(promise['test']['sensitivity'])}, specificity "
               f"{_cell(promise['test']['specificity'])} here")
-    if dedup is not None:
+    if dedup is not None and dedup["n_removed"]:  # else the table would repeat the one above
         print(f"\nWithout the {dedup['n_removed']} test images that have a near-duplicate in train "
               f"({dedup['n_images']} left), at the {chosen_name} threshold:")
         print(_side_by_side(results[chosen_name], dedup["thresholds"][chosen_name]))
