@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melanoma.checkpoint import load_checkpoint
+from melanoma.checkpoint import load_checkpoint, run_lock
 from melanoma.cli.train import train
 from melanoma.crossval import load_training_set
 from melanoma.data import load_records
@@ -74,7 +74,17 @@ def test_missing_data_is_named_before_any_weights_are_fetched(tmp_path: Path) ->
     # pretrained=true on a machine without the hub would fail on the weights; the data is checked first
     with pytest.raises(DataError, match=r"data.root=.*nonexistent is not a folder"):
         train(make_config([f"data.root={tmp_path / 'nonexistent'}", "model=efficientnet_b0"]), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing of a run was written
+
+
+def test_a_run_directory_has_one_owner(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with run_lock(run):  # another run writing there: a separate lock on the same file, as a second process takes
+        with pytest.raises(DataError, match=rf"{run} is in use by another run \(PID {os.getpid()}\); wait for it"):
+            train(make_config([f"data.root={tiny_data}", *TINY]), run)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the second writer wrote nothing
+    with run_lock(run):  # released when its holder ends: never stale
+        pass
 
 
 def test_refusals_never_suggest_loading_unsafely(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import uuid
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 import yaml
 
-from melanoma.errors import WeightsError
+from melanoma.errors import DataError, WeightsError
 
 FORMAT_VERSION = 1
 CONFIG = "config.yaml"  # a run's config, every interpolation resolved when it trained
@@ -39,6 +40,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` while a run writes there: one owner per run directory.
+
+    An advisory ``flock`` on a file that records the holder's PID; the kernel releases it when the
+    process ends, however it ends, so a killed run never leaves a stale lock.
+
+    Raises:
+        DataError: another process holds the directory (naming its PID).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DataError(f"{run_dir} is in use by another run (PID {holder}); wait for it to finish, or give this "
+                            "run its own folder (hydra.run.dir=...)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -11,9 +11,11 @@ into plain arguments for the data, folds, models, engine, metrics and plots modu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
+import os
 import signal
 import sys
 import time
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from melanoma.audit import add_fold_crossings, summary_line
 from melanoma.cache import build_cache
-from melanoma.checkpoint import write_csv, write_json
+from melanoma.checkpoint import run_lock, write_csv, write_json
 from melanoma.crossval import (
     OPERATING_POINTS,
     THRESHOLD,
@@ -82,14 +84,21 @@ def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Cross-validate the configured model and write every output into ``run_dir``.
 
+    The run directory has one owner: rank 0 holds its lock (``checkpoint.run_lock``) from start to end.
+
     Returns:
         The content of ``metrics.json`` (empty on ranks other than 0 under torchrun).
     """
-    start = time.perf_counter()
-    config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.resume is not None and not (Path(str(cfg.resume)).expanduser() / "folds.csv").is_file():
         raise ConfigError(f"resume={cfg.resume} holds no melanoma-train run (no folds.csv); point it at the folder "
                           "of an interrupted run, or leave resume= out to start a new one")
+    with run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    start = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
     operating_point = str(cfg.cv.operating_point)
     if operating_point not in OPERATING_POINTS:
         raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
