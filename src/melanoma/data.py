@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -362,6 +364,23 @@ def resolve_num_workers(num_workers: int | str) -> int:
     return num_workers
 
 
+def _quiet_lost_connection(args: threading.ExceptHookArgs) -> None:
+    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+        threading.__excepthook__(args)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGINT and SIGTERM: a terminal's Ctrl-C, ``timeout`` and SLURM preemption signal
+    the whole process group, and stopping is the main process's job (it shuts its workers down).
+
+    A worker's only thread is multiprocessing's resource sharer, which hands batch memory to the main
+    process; when the main process stops mid-handshake, its lost connection is expected, not an error.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.excepthook = _quiet_lost_connection
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
                 pin_memory: bool = False, persistent_workers: bool = True, rank: int = 0,
                 world_size: int = 1, prefetch_factor: int | None = None) -> DataLoader:
@@ -387,4 +406,5 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=generator,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )
