@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from melanoma.checkpoint import load_checkpoint, run_lock
+import melanoma.crossval as crossval
+from melanoma.checkpoint import load_checkpoint, run_lock, save_checkpoint, write_json
 from melanoma.cli.train import train
 from melanoma.crossval import load_training_set
 from melanoma.data import load_records
@@ -101,3 +104,36 @@ def test_refusals_never_suggest_loading_unsafely(tmp_path: Path) -> None:
             load()
         assert "weights_only" not in str(info.value) and "False" not in str(info.value)
         assert "nothing in it was run" in str(info.value)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_complete_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Linear(3, 1)
+    save_checkpoint(tmp_path / "best.pt", model, {}, 1, {"auc": 0.7})
+
+    def full(*args, **kwargs):  # what torch.save's zip writer raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 96")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DataError, match=rf"no space left to write {tmp_path / 'best.pt'} \(\d+ MB free in "
+                                        rf"{tmp_path}\); free some space .* resume="):
+        save_checkpoint(tmp_path / "best.pt", model, {}, 2, {"auc": 0.9})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(DataError, match=r"no space left to write .*metrics.json"):
+        write_json({"a": 1}, tmp_path / "metrics.json")
+
+
+def test_a_fold_that_cannot_fit_its_checkpoints_is_not_started(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of weights: about 40 MB for its fold's files
+    monkeypatch.setattr(crossval.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100e9, 99e9, 30e6))
+    with pytest.raises(DataError, match=rf"fold 2 needs about 40 MB in {tmp_path} for its checkpoints and 30 MB"):
+        crossval._check_free_space(tmp_path, model, 2)
+    monkeypatch.setattr(crossval.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100e9, 50e9, 50e9))
+    crossval._check_free_space(tmp_path, model, 2)  # enough: no error

@@ -8,9 +8,11 @@ complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +29,24 @@ CONFIG = "config.yaml"  # a run's config, every interpolation resolved when it t
 PREPROCESS = "preprocess.json"  # how the run's models turn an image into a tensor (transforms.Preprocess)
 
 
+def disk_full(path: Path) -> DataError:
+    """The one-line error for a write that ran out of space, naming the folder and what is free there."""
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+    return DataError(f"no space left to write {path} ({free / 1e6:.0f} MB free in {path.parent}); free some space "
+                     "or point the run elsewhere, then resume= the run: its last complete files are intact")
+
+
+# What torch.save's zip writer raises when a write fails (it does not pass ENOSPC on).
+_TORCH_WRITE_FAILURES = ("enforce fail at inline_container", "file write failed", "PytorchStreamWriter failed")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    Raises:
+        DataError: the disk (or quota) is full; the previous ``path``, if any, is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name, not mkstemp's file: the writer creates it, so permissions follow the umask.
@@ -37,6 +54,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path) from None
+        raise
+    except RuntimeError as exc:
+        if any(marker in str(exc) for marker in _TORCH_WRITE_FAILURES):
+            raise disk_full(path) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

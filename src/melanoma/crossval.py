@@ -9,6 +9,7 @@ operating points on those predictions (never on the test split) and writes ``met
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from melanoma.calibration import apply_temperature, fit_temperature
 from melanoma.checkpoint import CONFIG, PREPROCESS, update_checkpoint, write_csv, write_json, write_yaml
 from melanoma.data import ImageDataset, handle_bad_files, load_records, make_loader, scan_images, split_records
 from melanoma.engine import fit, make_loss
+from melanoma.errors import DataError
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.optim import OptimizerSettings, ScheduleSettings, create_optimizer, create_scheduler
 from melanoma.runtime import Runtime, seed_everything
@@ -163,6 +165,18 @@ def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: b
     write_json(dict(preprocess), run_dir / PREPROCESS)
 
 
+def _check_free_space(run_dir: Path, model: nn.Module, fold: int) -> None:
+    """Refuse to start a fold whose checkpoints cannot fit: best.pt, and last.pt with Adam's two moments."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need = 5 * weights + 20_000_000  # best.pt + last.pt (weights, 2 optimizer moments), their temporaries, CSVs
+    run_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise DataError(f"fold {fold} needs about {need / 1e6:.0f} MB in {run_dir} for its checkpoints and "
+                        f"{free / 1e6:.0f} MB are free; free some space or point the run elsewhere (resume= goes on "
+                        "from the last complete fold)")
+
+
 def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Callable[[], nn.Module],
                    pipeline: Pipeline, runtime: Runtime, run_dir: Path, *, optimizer: OptimizerSettings,
                    schedule: ScheduleSettings, train: TrainSettings, loader: LoaderSettings,
@@ -204,6 +218,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
         assert not set(tr["path"]) & set(va["path"]), "a validation image leaked into training"
         seed_everything(seed + k, train.deterministic)
         model = model_factory().to(runtime.device, memory_format=runtime.memory_format)
+        if runtime.is_main:
+            _check_free_space(run_dir, model, k)
         if runtime.distributed:
             model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.index
                                             is not None else None)
