@@ -16,7 +16,7 @@ from melanoma.checkpoint import load_checkpoint, run_lock, save_checkpoint, writ
 from melanoma.cli.train import train
 from melanoma.crossval import load_training_set
 from melanoma.data import load_records
-from melanoma.errors import ConfigError, DataError, WeightsError
+from melanoma.errors import ConfigError, DataError, NonFiniteLossError, WeightsError
 from melanoma.models import create_model
 
 from conftest import TINY, make_config
@@ -137,3 +137,11 @@ def test_a_fold_that_cannot_fit_its_checkpoints_is_not_started(tmp_path: Path,
         crossval._check_free_space(tmp_path, model, 2)
     monkeypatch.setattr(crossval.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100e9, 50e9, 50e9))
     crossval._check_free_space(tmp_path, model, 2)  # enough: no error
+
+
+def test_a_finite_but_exploding_loss_stops_the_fold_with_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    # Adam at lr 1e6: losses stay finite and huge; before, the run ended with exit 0 and AUC 0.5
+    with pytest.raises(NonFiniteLossError, match=r"fold 0, epoch 1: training diverged \(mean loss .*over 100x a "
+                                                 r"classifier at chance's 0.693\); lower optimizer.lr \(now 1e\+06\)"):
+        train(make_config([f"data.root={tiny_data}", *TINY, "recipe=seed", "optimizer.lr=1e6", "trainer.epochs=2",
+                           "cv.folds=2", "audit.enabled=false"]), tmp_path / "run")

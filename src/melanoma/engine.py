@@ -313,6 +313,15 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
                                      skip_nonfinite=skip_nonfinite, where=f"fold {fold}, epoch {epoch}",
                                      device_transform=device_transform, clip_grad_norm=clip_grad_norm,
                                      on_update=on_update)
+        # Finite but exploding: a loss 100x the first epoch's, and at least 100x log 2 (a classifier at
+        # chance), means the weights ran away; an AUC of 0.5 would otherwise follow silently.
+        first = rows[0]["train_loss"] if rows and rows[0]["train_loss"] > math.log(2) else None
+        reference = first or math.log(2)
+        if train_loss > 100 * reference:
+            raise NonFiniteLossError(
+                f"fold {fold}, epoch {epoch}: training diverged (mean loss {train_loss:.3g}, over 100x "
+                f"{'epoch 1' if first else 'a classifier at chance'}'s {reference:.3g}); lower optimizer.lr "
+                f"(now {configured_lr(optimizer):g})")
         scored = ema.module if ema is not None else model
         val_loss, probs = evaluate(scored, val_loader, loss_fn, runtime)
         loss_sum, n_val = all_sum([val_loss * len(probs), float(len(probs))], runtime)
