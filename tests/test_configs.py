@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -148,3 +149,35 @@ def test_help_starts_with_what_the_command_does(command: str, module: str, capsy
     assert text.startswith(f"melanoma-{command}: ") and "powered by Hydra" not in text
     assert text.index("Examples:") < text.index("== Configuration groups ==") < text.index("== Config ==")
     assert text.count(f"melanoma-{command} ") >= 2  # at least two example command lines
+
+
+@pytest.mark.parametrize(("config", "argv", "message"), [
+    ("train", ["model=efficientnetb0"], r"model=efficientnetb0 is not an option of model \(close: efficientnet_b0.*\); "
+                                        r"the options are efficientnet_b0, .*resnext101$"),
+    ("train", ["trainer.epoch=3"], r"trainer.epoch is not a key of trainer \(close: epochs\); the keys are .*epochs"),
+    ("train", ["-m", "optimizer.lr=0.1,0.01", "model=resnet34,efficientnetb0"],  # the second value of a sweep
+     r"model=efficientnetb0 is not an option of model"),
+    ("train", ["optimizer.lr=0.1,0.01"], r"Ambiguous value for argument 'optimizer.lr=0.1,0.01'; .*--multirun"),
+    ("train", ["data.root"], r"Error parsing override 'data.root'; missing EQUAL"),
+    ("eval", [], r"ckpt is required: pass ckpt=RUN_DIR \(a melanoma-train run folder\) or .*best.pt"),
+    ("predict", ["ckpt=RUN"], r"input is required: pass input=IMAGE_OR_FOLDER"),
+])
+def test_hydras_own_errors_are_one_line_and_exit_2(config: str, argv: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    from melanoma.cli import check_overrides
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_overrides("melanoma-x", config, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("melanoma-x: error: ")
+    assert re.search(message, err.strip().removeprefix("melanoma-x: error: ")), err
+
+
+@pytest.mark.parametrize("argv", [["experiment=demo", "hydra.run.dir=/tmp/x"], ["hparams=seed_grid"],
+                                  ["-m", "hydra/launcher=parallel", "model=resnet34,resnext101,mobilenet_v2"],
+                                  ["--cfg", "job", "model=whatever"]])  # Hydra flags: left to Hydra
+def test_valid_command_lines_pass_the_check(argv: list[str]) -> None:
+    from melanoma.cli import check_overrides
+
+    check_overrides("melanoma-train", "train", argv)

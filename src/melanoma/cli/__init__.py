@@ -7,9 +7,14 @@ or :mod:`melanoma.reporting`. Importing this package registers the resolvers the
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import sys
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
 from melanoma.data import DEMO_DATA
 
@@ -27,3 +32,76 @@ OmegaConf.register_new_resolver("melanoma_rank0_only", lambda value: value if _e
                                 replace=True)
 OmegaConf.register_new_resolver("melanoma_rank_suffix", lambda: f".rank{_env_rank()}" if _env_rank() else "",
                                 replace=True)
+
+# What a mandatory (???) key wants, for the one-line error when it is left out.
+_REQUIRED = {"ckpt": "ckpt=RUN_DIR (a melanoma-train run folder) or ckpt=RUN_DIR/foldK/best.pt",
+             "input": "input=IMAGE_OR_FOLDER", "data.manifest": "data.manifest=CSV (columns path,label[,split])"}
+_HYDRA_FLAGS_WE_CHECK = ("-m", "--multirun")
+
+
+def _sweep_points(argv: list[str], multirun: bool) -> list[list[str]]:
+    """Command lines that between them use every value of every swept key once (``a=1,2 b=x,y``: ``a=1 b=x``,
+    ``a=2 b=x``, ``a=1 b=y``), so a typo in any value of a sweep is found before its first job starts."""
+    if not multirun:
+        return [argv]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(argv)
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
+               for o, text in zip(parsed, argv, strict=True)]
+    base = [values[0] for values in choices]
+    points = [base]
+    for i, values in enumerate(choices):
+        points += [base[:i] + [value] + base[i + 1:] for value in values[1:]]
+    return points
+
+
+def _composition_error(exc: Exception, config_name: str) -> str:
+    """Hydra's multi-line composition error as one line that names the valid choices."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        close = difflib.get_close_matches(option, options, n=3)
+        return (f"{group}={option} is not an option of {group} (close: {', '.join(close) or 'none'}); "
+                f"the options are {', '.join(options)}")
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        parent, _, leaf = key.rpartition(".")
+        with initialize_config_module("melanoma.configs", version_base="1.3"):
+            node = OmegaConf.select(compose(config_name), parent) if parent else compose(config_name)
+        keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, keys, n=3)
+        where = f"a key of {parent}" if parent else "a top-level key"
+        return f"{key} is not {where} (close: {', '.join(close) or 'none'}); the keys are {', '.join(keys)}"
+    lines = [line.strip() for line in text.split("Config search path")[0].splitlines()
+             if line.strip() and not line.strip().startswith("See https://")]
+    return "; ".join(lines)
+
+
+def check_overrides(prog: str, config_name: str, argv: list[str] | None = None) -> None:
+    """Compose the config as Hydra is about to, so that a mistake in the command line is one line and exit 2.
+
+    Hydra itself prints an unknown group option, an unknown key or a missing mandatory value over
+    several lines (or a traceback) and exits with 1. Command lines with Hydra flags other than
+    ``-m``/``--multirun`` (``--help``, ``--cfg``, ``--config-name``, ...) are left to Hydra.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if a not in _HYDRA_FLAGS_WE_CHECK]
+    if any(a.startswith("-") for a in overrides):
+        return
+    try:
+        with initialize_config_module("melanoma.configs", version_base="1.3"):
+            for point in _sweep_points(overrides, multirun=len(overrides) < len(argv)):
+                cfg = compose(config_name, overrides=point)
+                for key in sorted(OmegaConf.missing_keys(cfg)):
+                    _fail(prog, f"{key} is required: pass {_REQUIRED.get(key, key + '=VALUE')} (see {prog} --help)")
+    except HydraException as exc:
+        _fail(prog, _composition_error(exc, config_name))
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

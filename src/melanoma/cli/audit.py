@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from melanoma.audit import add_fold_crossings, audit_records, summary_line
 from melanoma.checkpoint import write_csv, write_json
+from melanoma.cli import check_overrides
 from melanoma.data import load_records
 from melanoma.errors import DataError, report_user_errors
 from melanoma.folds import make_folds
@@ -64,6 +65,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-audit``."""
+    check_overrides("melanoma-audit", "audit_run")
     _hydra_main()
 
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from melanoma.cache import build_cache
 from melanoma.checkpoint import write_json
+from melanoma.cli import check_overrides
 from melanoma.data import ImageDataset, load_records, make_loader, resolve_num_workers, split_records, usable_cores
 from melanoma.engine import evaluate, make_loss, train_one_epoch
 from melanoma.errors import ConfigError, report_user_errors
@@ -236,6 +237,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-bench``."""
+    check_overrides("melanoma-bench", "bench")
     _hydra_main()
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from melanoma.audit import train_duplicates
 from melanoma.checkpoint import write_csv, write_json
+from melanoma.cli import check_overrides
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, held_promises, metrics_with_ci
 from melanoma.data import load_eval_set, training_images
 from melanoma.errors import DataError, report_user_errors
@@ -141,6 +142,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-eval``."""
+    check_overrides("melanoma-eval", "eval")
     _hydra_main()
 
 

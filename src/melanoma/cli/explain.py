@@ -14,6 +14,7 @@ import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
+from melanoma.cli import check_overrides
 from melanoma.errors import report_user_errors
 from melanoma.gradcam import explain
 from melanoma.runtime import resolve_runtime
@@ -33,6 +34,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-explain``."""
+    check_overrides("melanoma-explain", "explain")
     _hydra_main()
 
 

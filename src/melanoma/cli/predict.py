@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from melanoma.checkpoint import write_csv
+from melanoma.cli import check_overrides
 from melanoma.data import find_images, scan_images
 from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
@@ -60,6 +61,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-predict``."""
+    check_overrides("melanoma-predict", "predict")
     _hydra_main()
 
 

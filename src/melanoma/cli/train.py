@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from melanoma.audit import add_fold_crossings, summary_line
 from melanoma.cache import build_cache
 from melanoma.checkpoint import run_lock, write_csv, write_json
+from melanoma.cli import check_overrides
 from melanoma.crossval import (
     OPERATING_POINTS,
     THRESHOLD,
@@ -228,6 +229,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point ``melanoma-train``."""
+    check_overrides("melanoma-train", "train")
     _hydra_main()
 
 
