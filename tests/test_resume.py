@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from melanoma.checkpoint import load_checkpoint
 
@@ -42,14 +43,15 @@ def _metrics(run_dir: Path) -> dict:
 
 
 def test_sigkill_in_fold_two_then_resume_equals_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
-    subprocess.run(_args(tiny_data, tmp_path / "straight"), cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(_args(tiny_data, tmp_path / "straight", "cv.folds=2"), cwd=tmp_path, check=True,
+                   capture_output=True)
     killed = tmp_path / "killed"
-    proc = _start_and_wait_for(_args(tiny_data, killed), killed / "fold1" / "last.pt", tmp_path)
+    proc = _start_and_wait_for(_args(tiny_data, killed, "cv.folds=2"), killed / "fold1" / "last.pt", tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "metrics.json").exists()
     assert load_checkpoint(killed / "fold1" / "last.pt")["epoch"] < 3  # really stopped inside fold 2
-    resumed = subprocess.run([*_args(tiny_data, None), f"resume={killed}"], cwd=tmp_path,
+    resumed = subprocess.run([*_args(tiny_data, None, "cv.folds=2"), f"resume={killed}"], cwd=tmp_path,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "fold 0: resuming after epoch 3 of 3" in resumed.stdout  # the finished fold is not trained again
@@ -79,21 +81,26 @@ def test_a_signal_to_the_process_group_stops_with_one_line(sig: signal.Signals, 
 
 def test_resume_with_another_config_is_refused(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    subprocess.run(_args(tiny_data, run, "trainer.epochs=1"), cwd=tmp_path, check=True, capture_output=True)
-    result = subprocess.run([*_args(tiny_data, None, "trainer.epochs=1", "optimizer.lr=0.5"), f"resume={run}"],
+    subprocess.run(_args(tiny_data, run, "trainer.epochs=1", "cv.folds=2"), cwd=tmp_path, check=True,
+                   capture_output=True)
+    result = subprocess.run([*_args(tiny_data, None, "trainer.epochs=1", "cv.folds=2", "optimizer.lr=0.5"),
+                             f"resume={run}"],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert "was written by a run with another config (optimizer.lr: 0.001 -> 0.5)" in last
+    # the run's own record still says what it trained with (Hydra's .hydra/ copy was rewritten by the refused run)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["lr"] == 0.001
 
 
+@pytest.mark.slow  # a sweep run twice, four processes' start-up: the slow tier
 def test_relaunching_a_sweep_in_its_directory_trains_nothing_again(tiny_data: Path, tmp_path: Path) -> None:
-    args = [EXE, "-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "optimizer.lr=0.001,0.01",
+    args = [EXE, "-m", f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2", "optimizer.lr=0.001,0.01",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
     before = [_metrics(tmp_path / "sweep" / str(j)) for j in (0, 1)]
     again = subprocess.run(args, cwd=tmp_path, check=True, capture_output=True, text=True)
-    assert again.stdout.count("resuming after epoch 1 of 1") == 6  # 2 points x 3 folds, none retrained
+    assert again.stdout.count("resuming after epoch 1 of 1") == 4  # 2 points x 2 folds, none retrained
     assert [_metrics(tmp_path / "sweep" / str(j)) for j in (0, 1)] == before
 
 
