@@ -21,9 +21,10 @@ from melanoma.checkpoint import load_checkpoint
 from melanoma.cli.evaluate import evaluate_run
 from melanoma.cli.predict import predict_images
 from melanoma.cli.train import train
-from melanoma.errors import WeightsError
+from melanoma.errors import ConfigError, WeightsError
 from melanoma.inference import load_ensemble, predict_probs, tta_views
 from melanoma.metrics import choose_thresholds
+from melanoma.models import create_model
 from melanoma.runtime import resolve_runtime
 
 from conftest import TINY, make_config
@@ -182,6 +183,17 @@ def test_bad_checkpoints_are_refused_with_one_line(run_dir: Path, tmp_path: Path
             load_ensemble(path, CPU)
         assert "\n" not in str(info.value)
     assert not marker.exists()
+
+
+def test_folds_of_two_architectures_are_not_one_ensemble(run_dir: Path, tmp_path: Path) -> None:
+    mixed = shutil.copytree(run_dir, tmp_path / "mixed")
+    payload = load_checkpoint(mixed / "fold1" / "best.pt")  # same preprocessing, another network
+    payload["config"]["model"]["name"] = "test_resnet"
+    payload["model"] = create_model("test_resnet").state_dict()
+    torch.save(payload, mixed / "fold1" / "best.pt")
+    with pytest.raises(ConfigError, match=r"fold1/best.pt is a test_resnet, .*fold0/best.pt a test_efficientnet: "
+                                          r"one ensemble holds one architecture"):
+        load_ensemble(mixed, CPU)
 
 
 def test_eval_cli_error_is_one_line(tmp_path: Path) -> None:

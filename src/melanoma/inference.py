@@ -100,6 +100,9 @@ def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
         temperatures.append(float(payload.get("temperature", 1.0)))
         if first is None:
             first = payload
+        elif (name := config["model"]["name"]) != (first_name := first["config"]["model"]["name"]):
+            raise ConfigError(f"{path} is a {name}, {paths[0]} a {first_name}: one ensemble holds one architecture; "
+                              "evaluate them separately")
         elif preprocess != first["preprocess"]:
             raise ConfigError(f"{path} was trained with {preprocess}, {paths[0]} with {first['preprocess']}; "
                               "evaluate them separately")
