@@ -145,3 +145,18 @@ def test_a_finite_but_exploding_loss_stops_the_fold_with_one_line(tiny_data: Pat
                                                  r"classifier at chance's 0.693\); lower optimizer.lr \(now 1e\+06\)"):
         train(make_config([f"data.root={tiny_data}", *TINY, "recipe=seed", "optimizer.lr=1e6", "trainer.epochs=2",
                            "cv.folds=2", "audit.enabled=false"]), tmp_path / "run")
+
+
+def test_weights_that_lack_tensors_of_the_model_are_refused_unless_asked(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    state = create_model("test_efficientnet").state_dict()
+    partial = {k: v for i, (k, v) in enumerate(state.items()) if i % 3}  # a third of the body is missing
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(WeightsError, match=rf"partial.pt lacks \d+ of the {len(state)} tensors of test_efficientnet "
+                                           r"\(conv_stem.weight, .*model.strict_weights=false"):
+        create_model("test_efficientnet", weights=str(tmp_path / "partial.pt"))
+    with caplog.at_level(logging.WARNING):
+        model = create_model("test_efficientnet", weights=str(tmp_path / "partial.pt"), strict_weights=False)
+    assert "missing key(s): conv_stem.weight" in caplog.text
+    key = next(iter(partial))
+    assert torch.equal(model.state_dict()[key], partial[key])

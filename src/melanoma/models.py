@@ -119,19 +119,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, weights: str | Path, model_name: str) -> dict[str, list[str]]:
+def load_weights(model: nn.Module, weights: str | Path, model_name: str,
+                 strict: bool = True) -> dict[str, list[str]]:
     """Load local weights into ``model``, skipping a classifier head of another size.
 
     Args:
         model: the freshly created model.
         weights: a file path, or ``lite0-package``/``lite1-package``/``lite2-package``.
         model_name: the timm name, to check the packaged weights are used with their model.
+        strict: refuse weights that lack any tensor of the model beyond its classifier head
+            (``model.strict_weights``); with ``False`` they load with a warning.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "skipped": [...]}`` key lists.
 
     Raises:
-        WeightsError: the file cannot be read or shares no tensor with the model.
+        WeightsError: the file cannot be read, shares too few tensors with the model, or (``strict``) lacks some.
     """
     target = model.state_dict()
     if str(weights) in LITE_PACKAGES:
@@ -152,6 +155,11 @@ def load_weights(model: nn.Module, weights: str | Path, model_name: str) -> dict
     if loaded < len(target) / 2:  # most of the network would silently stay random
         raise WeightsError(f"model.weights={weights} holds only {loaded} of the {len(target)} tensors of "
                            f"{model_name}; is it for another model?")
+    lacking = [k for k in report["missing"] if k not in skipped]  # beyond a head of another size
+    if strict and lacking:
+        raise WeightsError(f"model.weights={weights} lacks {len(lacking)} of the {len(target)} tensors of {model_name} "
+                           f"({', '.join(lacking[:3])}, ...): weights of another model? Set model.strict_weights=false "
+                           "to train with them anyway, the rest starting at random")
     for kind, keys in report.items():
         if keys:
             log.warning("weights %s: %d %s key(s): %s", weights, len(keys), kind, ", ".join(keys[:6]))
@@ -182,7 +190,7 @@ def _zero_new_head(model: nn.Module) -> nn.Module:
 
 
 def create_model(name: str, pretrained: bool = False, weights: str | None = None,
-                 num_classes: int = 1, drop_rate: float = 0.0) -> nn.Module:
+                 num_classes: int = 1, drop_rate: float = 0.0, strict_weights: bool = True) -> nn.Module:
     """Create a timm model with a ``num_classes``-logit head.
 
     Args:
@@ -191,6 +199,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
         weights: local weights to start from instead (a path, or ``lite0-package``, ``lite1-``, ``lite2-``).
         num_classes: number of output logits (1 for the binary task).
         drop_rate: dropout before the classifier.
+        strict_weights: refuse local ``weights`` that lack tensors of the model (see :func:`load_weights`).
 
     Returns:
         The model, in training mode, on the CPU; a classifier that no weights provided starts at
@@ -209,7 +218,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
         if pretrained:
             log.info("model.weights is set: loading %s instead of timm's pretrained weights", weights)
         model = zero_head(timm.create_model(name, pretrained=False, **kwargs))
-        load_weights(model, weights, name)  # a head of the same size in the file replaces the zeros
+        load_weights(model, weights, name, strict_weights)  # a head of the same size replaces the zeros
         return model
     if not pretrained:
         return zero_head(timm.create_model(name, pretrained=False, **kwargs))

@@ -123,7 +123,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         split_records(records, "train", tuple(data["classes"]))
 
     def model_factory() -> torch.nn.Module:
-        return create_model(m["name"], m["pretrained"], m["weights"], drop_rate=m["drop_rate"])
+        return create_model(m["name"], m["pretrained"], m["weights"], drop_rate=m["drop_rate"],
+                            strict_weights=m["strict_weights"])
 
     probe = model_factory()  # fails early on bad names/weights
     augmentation = dict(config["augmentation"])
