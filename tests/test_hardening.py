@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from melanoma.checkpoint import load_checkpoint, run_lock, save_checkpoint, writ
 from melanoma.cli.train import train
 from melanoma.crossval import load_training_set
 from melanoma.data import load_records
-from melanoma.errors import ConfigError, DataError, NonFiniteLossError, WeightsError
+from melanoma.errors import ConfigError, DataError, NonFiniteLossError, WeightsError, report_user_errors
 from melanoma.models import create_model
 
 from conftest import TINY, make_config
@@ -160,3 +162,21 @@ def test_weights_that_lack_tensors_of_the_model_are_refused_unless_asked(tmp_pat
     assert "missing key(s): conv_stem.weight" in caplog.text
     key = next(iter(partial))
     assert torch.equal(model.state_dict()[key], partial[key])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_eval_predict_and_bench_stop_on_a_signal_with_one_line(sig: signal.Signals,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    def work() -> None:  # what melanoma-eval does while it scores, when Ctrl-C or SLURM's SIGTERM arrives
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the work")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors("melanoma-eval", work)
+    assert exit_info.value.code == 128 + sig
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"melanoma-eval: interrupted by {sig.name}; every file it finished is complete (written "
+                   "atomically), the rest was not written: run it again"]
+    assert signal.getsignal(signal.SIGTERM) == before  # handed back

@@ -5,7 +5,9 @@ keeps its traceback.
 """
 
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,14 +38,30 @@ class NonFiniteLossError(MelanomaError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, turned into what Ctrl-C raises so that both stop the same way."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped()
+
+
 def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: bool = False) -> T:
     """Call ``func(*args)``; a :class:`MelanomaError` becomes one line on stderr and exit status 2.
 
     Every console entry point wraps its work in this, so users see ``prog: error: ...`` with
-    the key or file and the fix, never a traceback, while real bugs keep theirs. In a Hydra
+    the key or file and the fix, never a traceback, while real bugs keep theirs; Ctrl-C and SIGTERM
+    give one line and exit status 128 + signal. In a Hydra
     multirun the error is logged and re-raised instead: Hydra then marks that job failed, runs
     the remaining points of the sweep, and reports the failure at the end.
     """
+    # Ctrl-C and SIGTERM (timeout, SLURM) stop with one line too, where no entry point took them over
+    # (melanoma-train installs its own, which names the resume command).
+    own_term = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if own_term else None
     try:
         return func(*args)
     except MelanomaError as exc:
@@ -52,3 +70,11 @@ def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: 
             logging.getLogger(prog).error("%s", exc)
             raise
         raise SystemExit(2) from None
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}; every file it finished is complete (written "
+              "atomically), the rest was not written: run it again", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        if own_term:
+            signal.signal(signal.SIGTERM, previous)
