@@ -180,3 +180,20 @@ def test_eval_predict_and_bench_stop_on_a_signal_with_one_line(sig: signal.Signa
     assert err == [f"melanoma-eval: interrupted by {sig.name}; every file it finished is complete (written "
                    "atomically), the rest was not written: run it again"]
     assert signal.getsignal(signal.SIGTERM) == before  # handed back
+
+
+def test_the_log_file_records_the_table_and_the_error(tiny_data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    log_file = logging.FileHandler(tmp_path / "train.log")  # what Hydra's job logging attaches
+    logging.getLogger().addHandler(log_file)
+    try:
+        train(make_config([f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2"]), tmp_path / "run")
+        with pytest.raises(SystemExit):
+            report_user_errors("melanoma-train", train, make_config([f"data.root={tmp_path / 'nowhere'}", *TINY]),
+                               tmp_path / "run2")
+    finally:
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "audit: 0 test images" in text and "mean ± std" in text and "pooled out-of-fold: AUC" in text
+    assert "melanoma-train: error: data.root=" in text  # the one line on stderr, kept for melanoma-report

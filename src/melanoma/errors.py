@@ -38,6 +38,18 @@ class NonFiniteLossError(MelanomaError):
     """Training diverged: the loss became NaN or infinite."""
 
 
+def log_to_file(name: str, level: int, message: str) -> None:
+    """Write ``message`` to the run's log files only (Hydra's ``train.log``, ...), not to the console.
+
+    What an entry point prints for people (the results table, the one-line error) is recorded there
+    too, so that a run's folder says how it ended; ``melanoma-report`` quotes a failed run's last error.
+    """
+    record = logging.LogRecord(name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 class _Stopped(KeyboardInterrupt):
     """SIGTERM, turned into what Ctrl-C raises so that both stop the same way."""
 
@@ -69,11 +81,14 @@ def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: 
         if multirun:
             logging.getLogger(prog).error("%s", exc)
             raise
+        log_to_file(prog, logging.ERROR, f"{prog}: error: {exc}")
         raise SystemExit(2) from None
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"{prog}: interrupted by {signal.Signals(signum).name}; every file it finished is complete (written "
-              "atomically), the rest was not written: run it again", file=sys.stderr)
+        message = (f"{prog}: interrupted by {signal.Signals(signum).name}; every file it finished is complete "
+                   "(written atomically), the rest was not written: run it again")
+        print(message, file=sys.stderr)
+        log_to_file(prog, logging.WARNING, message)
         raise SystemExit(128 + signum) from None
     finally:
         if own_term:

@@ -43,7 +43,7 @@ from melanoma.crossval import (
     write_results,
 )
 from melanoma.data import load_records, resolve_num_workers, split_records
-from melanoma.errors import ConfigError, TrainingInterrupted, report_user_errors
+from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, report_user_errors
 from melanoma.folds import make_folds
 from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model, model_data_config
@@ -69,6 +69,12 @@ def _settings(cls: type, values: dict, group: str):
             raise ConfigError(f"{group}.{key} is not a key of {group} (close: {', '.join(close) or 'none'}); "
                               f"the keys are {', '.join(known)}")
     return cls(**values)
+
+
+def _say(text: str) -> None:
+    """Print for people, and keep it in the run's train.log."""
+    print(text)
+    log_to_file("melanoma.train", logging.INFO, text)
 
 
 def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
@@ -152,8 +158,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         add_fold_crossings(training.pairs, training.summary, dict(zip(train_set["path"], fold_of, strict=True)))
         write_json(training.summary, run_dir / "audit.json")
         write_csv(training.pairs, run_dir / "duplicates.csv")
-        print(f"audit: {summary_line(training.summary)}; {training.summary['pairs_crossing_folds']} pairs cross "
-              "folds")
+        _say(f"audit: {summary_line(training.summary)}; {training.summary['pairs_crossing_folds']} pairs cross "
+             "folds")
     log.info("%d training images (%d malignant), %d folds; %d unreadable skipped",
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
@@ -187,12 +193,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                             grouped_folds=bool(grouped), skipped_files=[{"path": p, "reason": r} for p, r in bad])
     record_run(run_dir, config, preprocess.to_dict())
     plot_run(run_dir, THRESHOLD)
-    print(f"\n{m['name']}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):")
-    print(_format_table(metrics["folds"], metrics["mean"], metrics["std"]))
     at_point, threshold = metrics["oof_at_thresholds"][operating_point], metrics["thresholds"][operating_point]
-    print(f"pooled out-of-fold: AUC {metrics['oof']['auc']:.4f}; at the {operating_point} threshold "
-          f"{threshold:.3g} sensitivity {at_point['sensitivity']:.3f}, specificity "
-          f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
+    _say(f"\n{m['name']}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):\n"
+         + _format_table(metrics["folds"], metrics["mean"], metrics["std"])
+         + f"\npooled out-of-fold: AUC {metrics['oof']['auc']:.4f}; at the {operating_point} threshold "
+         f"{threshold:.3g} sensitivity {at_point['sensitivity']:.3f}, specificity "
+         f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
     warning = degenerate_operating_point(operating_point, threshold, at_point)
     if warning:
         log.warning("%s", warning)
@@ -215,8 +221,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = report_user_errors("melanoma-train", train, cfg, run_dir,
                                      multirun=hydra_cfg.mode == RunMode.MULTIRUN)
     except TrainingInterrupted as exc:
-        print(f"melanoma-train: interrupted by {exc}; resume with: melanoma-train <same overrides> "
-              f"resume={run_dir}", file=sys.stderr)
+        message = f"melanoma-train: interrupted by {exc}; resume with: melanoma-train <same overrides> resume={run_dir}"
+        print(message, file=sys.stderr)
+        log_to_file("melanoma-train", logging.WARNING, message)
         raise SystemExit(128 + getattr(signal, str(exc)).value) from None
     finally:
         for sig, handler in previous.items():
