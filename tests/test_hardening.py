@@ -173,8 +173,14 @@ def test_eval_predict_and_bench_stop_on_a_signal_with_one_line(sig: signal.Signa
         raise AssertionError("the signal did not stop the work")
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exit_info:
-        report_user_errors("melanoma-eval", work)
+    # Python's own Ctrl-C handler, as a console script starts with (earlier tests in this process may
+    # have changed it: loader workers and Hydra install handlers of their own)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            report_user_errors("melanoma-eval", work)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert exit_info.value.code == 128 + sig
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"melanoma-eval: interrupted by {sig.name}; every file it finished is complete (written "
