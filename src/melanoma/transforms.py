@@ -191,6 +191,16 @@ def build_device_transform(
     return nn.Sequential(*steps)
 
 
+PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")  # augmentation keys that override the model's
+
+
+def split_augmentation(augmentation: dict) -> tuple[dict, dict]:
+    """The ``augmentation`` config group as ``(preprocessing overrides, recipe)``: the keyword arguments of
+    :func:`resolve_preprocess` (``None`` where the model's own value stands) and of :func:`build_pipeline`."""
+    recipe = {k: v for k, v in augmentation.items() if k not in PREPROCESS_KEYS}
+    return {k: augmentation.get(k) for k in PREPROCESS_KEYS}, recipe
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How a model's input is made from an image: what a run records in ``preprocess.json`` and its checkpoints.

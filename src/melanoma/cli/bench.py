@@ -43,7 +43,7 @@ from melanoma.models import create_model, model_data_config
 from melanoma.optim import create_optimizer
 from melanoma.runtime import Runtime, resolve_runtime, seed_everything
 from melanoma.synthetic import generate_dataset
-from melanoma.transforms import Preprocess, build_pipeline, resolve_preprocess
+from melanoma.transforms import Preprocess, build_pipeline, resolve_preprocess, split_augmentation
 
 log = logging.getLogger("melanoma.bench")
 
@@ -115,10 +115,8 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     model = create_model(m.name, False, None).to(runtime.device, memory_format=runtime.memory_format)
     aug = OmegaConf.to_container(cfg.augmentation, resolve=True)
     size, batch = d.image_size, d.batch_size
-    recipe = {k: v for k, v in aug.items() if k not in ("mean", "std", "crop_pct", "interpolation")}
-    pipeline = build_pipeline(resolve_preprocess(size, model_data_config(model), mean=aug.get("mean"),
-                                                 std=aug.get("std"), crop_pct=aug.get("crop_pct"),
-                                                 interpolation=aug.get("interpolation")), **recipe)
+    overrides, recipe = split_augmentation(aug)
+    pipeline = build_pipeline(resolve_preprocess(size, model_data_config(model), **overrides), **recipe)
     if cfg.trainer.compile:
         model = torch.compile(model)
     optimizer = create_optimizer(model, cfg.optimizer.name, cfg.optimizer.lr, fused=runtime.device.type == "cuda")

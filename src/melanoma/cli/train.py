@@ -50,10 +50,9 @@ from melanoma.models import create_model, model_data_config
 from melanoma.optim import OptimizerSettings, ScheduleSettings
 from melanoma.plots import plot_run
 from melanoma.runtime import RUNTIME_KEYS, broadcast, rank0_first, resolve_runtime
-from melanoma.transforms import build_pipeline, resolve_preprocess
+from melanoma.transforms import build_pipeline, resolve_preprocess, split_augmentation
 
 log = logging.getLogger("melanoma.train")
-PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")  # augmentation keys that override the model's
 
 
 def _settings(cls: type, values: dict, group: str):
@@ -133,8 +132,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                             strict_weights=m["strict_weights"])
 
     probe = model_factory()  # fails early on bad names/weights
-    augmentation = dict(config["augmentation"])
-    overrides = {k: augmentation.pop(k, None) for k in PREPROCESS_KEYS}
+    overrides, augmentation = split_augmentation(config["augmentation"])
     preprocess = resolve_preprocess(data["image_size"], model_data_config(probe), **overrides)
     pipeline = build_pipeline(preprocess, **augmentation)
     del probe

@@ -26,7 +26,7 @@ from melanoma.plots import (
     save_figure,
 )
 from melanoma.reporting.runs import Run, Skipped
-from melanoma.transforms import build_transforms
+from melanoma.transforms import build_transforms, split_augmentation
 
 ACTIVATION_MAPS = Path("explain") / "activation_maps.png"  # where melanoma-explain ckpt=RUN writes
 # What a figure may fail on: missing or moved files, configs without a key, a bad checkpoint.
@@ -64,10 +64,9 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
     Raises:
         OSError, KeyError, ValueError, MelanomaError: a file or config key it needs is missing.
     """
-    aug = dict(run.config["augmentation"])
+    _, aug = split_augmentation(run.config["augmentation"])  # preprocess.json has the preprocessing used
     recipe = aug.pop("name", "?")
-    for key in ("mean", "std", "crop_pct", "interpolation", "on_device"):  # preprocess.json has what was used
-        aug.pop(key, None)  # on_device: drawn here by the CPU path of the same recipe (statistically equivalent)
+    aug.pop("on_device", None)  # drawn here by the CPU path of the same recipe (statistically equivalent)
     pre = json.loads((run.dir / PREPROCESS).read_text())
     mean, std = pre["mean"], pre["std"]
     transform = build_transforms(pre["image_size"], train=True, mean=mean, std=std, crop_pct=pre["crop_pct"],
