@@ -14,6 +14,8 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
+from melanoma.cli.schema import problems
+
 from conftest import make_config
 
 CONFIGS = resources.files("melanoma.configs")
@@ -41,6 +43,60 @@ def test_every_option_composes(group: str, option: str) -> None:
     for key in DOCUMENTED_KEYS:
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
     assert container["model"]["name"]
+    if (group, option) != ("experiment", "bench_smoke"):  # melanoma-bench's preset: checked below
+        assert problems(container, "train") == []  # every shipped option fits the schema
+
+
+@pytest.mark.parametrize(("config", "argv"), [
+    ("eval", ["ckpt=RUN"]), ("eval", ["ckpt=RUN", "data=csv", "data.manifest=m.csv"]), ("explain", ["ckpt=RUN"]),
+    ("predict", ["ckpt=RUN", "input=x.jpg"]), ("audit_run", []), ("bench", []), ("bench", ["experiment=bench_smoke"]),
+])
+def test_every_cli_default_fits_its_schema(config: str, argv: list[str]) -> None:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("melanoma.configs", version_base="1.3"):
+        cfg = compose(config, overrides=argv)
+    assert problems(OmegaConf.to_container(cfg, resolve=True), config) == []
+
+
+# Values the schema (cli/schema.py) refuses: each is one line before anything runs.
+SCHEMA_ERRORS = [
+    ("train", ["data.batch_size=abc"], r"^data.batch_size='abc' must be an integer >= 1 \(see melanoma-x --help\)$"),
+    ("train", ["+trainer.epoch=3"], r"^trainer.epoch is not a key of trainer \(close: epochs\); the keys are epochs,"),
+    ("train", ["+optimizer.learning_rate=0.1"], r"optimizer.learning_rate is not a key of optimizer .*are name, lr,"),
+    ("train", ["+foo=1"], r"^foo is not a top-level key \(close: none\); the keys are seed, resume, data,"),
+    ("train", ["optimizer.lr=-1", "trainer.epochs=0"],
+     r"^optimizer.lr=-1 must be a number > 0 \(and 1 more: trainer.epochs=0 must be an integer >= 1\)"),
+    ("train", ["trainer.monitor=acc"], r"trainer.monitor='acc' must be one of auc, loss, accuracy, f1, balanced_acc"),
+    ("train", ["optimizer.name=rmsprop"], r"optimizer.name='rmsprop' must be one of adam, adamw, sgd, momentum"),
+    ("train", ["cv.operating_point=sens90"], r"cv.operating_point='sens90' must be one of 0.5, youden, sens95"),
+    ("train", ["trainer.pos_weight=-2"], r"trainer.pos_weight=-2 must be null or one of auto or a number > 0"),
+    ("train", ["augmentation.scale=[0.9,0.2]"], r"augmentation.scale=\[0.9, 0.2\] must be a list \[min, max\]"),
+    ("train", ["augmentation.color_jitter=[0.2,0.2]"], r"color_jitter=\[0.2, 0.2\] must be a list of 4 numbers >= 0"),
+    ("train", ["trainer.compile=maybe"], r"trainer.compile='maybe' must be true or false"),
+    ("train", ["audit.threshold=200"], r"audit.threshold=200 must be an integer in \[0, 143\]"),
+    ("train", ["data=synthetic", "data.synthetic.n_train=x"], r"data.synthetic.n_train='x' must be an integer >= 4"),
+    ("train", ["cv.seed=${nope}"], r"^cv.seed: Interpolation key 'nope' not found; check the overrides$"),
+    ("eval", ["ckpt=RUN", "eval.n_resamples=many"], r"eval.n_resamples='many' must be an integer >= 0"),
+    ("eval", ["ckpt=RUN", "eval.threshold=2"], r"eval.threshold=2 must be one of youden, sens95 or a number in \[0, 1"),
+    ("eval", ["ckpt=RUN", "data.on_bad_file=ignore"], r"data.on_bad_file='ignore' must be one of error, skip or null"),
+    ("predict", ["ckpt=RUN", "input=x.jpg", "batch_size=0"], r"^batch_size=0 must be an integer >= 1"),
+    ("predict", ["ckpt=RUN", "input=x.jpg", "tta=d8"], r"^tta='d8' must be one of none, flip, d4"),
+    ("explain", ["ckpt=RUN", "n=abc"], r"^n='abc' must be an integer >= 1"),
+    ("audit_run", ["audit.workers=0"], r"^audit.workers=0 must be an integer >= 1 or null"),
+    ("bench", ["bench.steps=x"], r"^bench.steps='x' must be an integer >= 1"),
+    ("bench", ["-m", "data.batch_size=16,abc"], r"^data.batch_size='abc' must be"),  # any value of a sweep
+]
+
+
+def test_a_bad_value_leaves_no_run_folder(tmp_path: Path) -> None:
+    """``data.batch_size=abc`` used to be a TypeError after folds.csv was written."""
+    result = subprocess.run([sys.executable, "-m", "melanoma.cli.train", "data=demo", "data.batch_size=abc"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("melanoma-train: error: data.batch_size='abc' must be an integer >= 1 "
+                                     "(see melanoma-train --help)")
+    assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no .hydra/, no log
 
 
 def test_model_names_are_timm_names() -> None:
@@ -161,6 +217,7 @@ def test_help_starts_with_what_the_command_does(command: str, module: str, capsy
     ("train", ["data.root"], r"Error parsing override 'data.root'; missing EQUAL"),
     ("eval", [], r"ckpt is required: pass ckpt=RUN_DIR \(a melanoma-train run folder\) or .*best.pt"),
     ("predict", ["ckpt=RUN"], r"input is required: pass input=IMAGE_OR_FOLDER"),
+    *SCHEMA_ERRORS,
 ])
 def test_hydras_own_errors_are_one_line_and_exit_2(config: str, argv: list[str], message: str,
                                                      capsys: pytest.CaptureFixture) -> None:

@@ -15,8 +15,11 @@ import sys
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from melanoma.cli.schema import validate
 from melanoma.data import DEMO_DATA
+from melanoma.errors import ConfigError
 
 
 def _env_rank() -> int:
@@ -84,9 +87,11 @@ def _composition_error(exc: Exception, config_name: str) -> str:
 def check_overrides(prog: str, config_name: str, argv: list[str] | None = None) -> None:
     """Compose the config as Hydra is about to, so that a mistake in the command line is one line and exit 2.
 
-    Hydra itself prints an unknown group option, an unknown key or a missing mandatory value over
-    several lines (or a traceback) and exits with 1. Command lines with Hydra flags other than
-    ``-m``/``--multirun`` (``--help``, ``--cfg``, ``--config-name``, ...) are left to Hydra.
+    Every key is then checked against the CLI's schema (:mod:`melanoma.cli.schema`): types, ranges,
+    choices and unknown keys, before Hydra creates the run folder. Hydra itself prints an unknown
+    group option, an unknown key or a missing mandatory value over several lines (or a traceback)
+    and exits with 1. Command lines with Hydra flags other than ``-m``/``--multirun`` (``--help``,
+    ``--cfg``, ``--config-name``, ...) are left to Hydra.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides = [a for a in argv if a not in _HYDRA_FLAGS_WE_CHECK]
@@ -98,8 +103,14 @@ def check_overrides(prog: str, config_name: str, argv: list[str] | None = None) 
                 cfg = compose(config_name, overrides=point)
                 for key in sorted(OmegaConf.missing_keys(cfg)):
                     _fail(prog, f"{key} is required: pass {_REQUIRED.get(key, key + '=VALUE')} (see {prog} --help)")
+                validate(cfg, config_name)
     except HydraException as exc:
         _fail(prog, _composition_error(exc, config_name))
+    except ConfigError as exc:
+        _fail(prog, f"{exc} (see {prog} --help)")
+    except OmegaConfBaseException as exc:  # e.g. an interpolation ${...} in an override that does not resolve
+        key = getattr(exc, "full_key", None)
+        _fail(prog, f"{key + ': ' if key else ''}{str(exc).splitlines()[0]}; check the overrides")
 
 
 def _fail(prog: str, message: str) -> None:

@@ -12,8 +12,6 @@ into plain arguments for the data, folds, models, engine, metrics and plots modu
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
 import logging
 import os
 import signal
@@ -32,8 +30,8 @@ from melanoma.audit import add_fold_crossings, summary_line
 from melanoma.cache import build_cache
 from melanoma.checkpoint import run_lock, write_csv, write_json
 from melanoma.cli import check_overrides
+from melanoma.cli.schema import validate
 from melanoma.crossval import (
-    OPERATING_POINTS,
     THRESHOLD,
     LoaderSettings,
     TrainSettings,
@@ -53,21 +51,6 @@ from melanoma.runtime import RUNTIME_KEYS, broadcast, rank0_first, resolve_runti
 from melanoma.transforms import build_pipeline, resolve_preprocess, split_augmentation
 
 log = logging.getLogger("melanoma.train")
-
-
-def _settings(cls: type, values: dict, group: str):
-    """``cls(**values)``, where a key that ``cls`` does not take is one error line naming the close keys.
-
-    Raises:
-        ConfigError: an unknown key, e.g. ``+trainer.epoch=3`` for ``trainer.epochs=3``.
-    """
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            raise ConfigError(f"{group}.{key} is not a key of {group} (close: {', '.join(close) or 'none'}); "
-                              f"the keys are {', '.join(known)}")
-    return cls(**values)
 
 
 def _say(text: str) -> None:
@@ -95,6 +78,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     Returns:
         The content of ``metrics.json`` (empty on ranks other than 0 under torchrun).
     """
+    validate(cfg, "train")  # every key's type, range and choices, before anything is read or written
     if cfg.resume is not None and not (Path(str(cfg.resume)).expanduser() / "folds.csv").is_file():
         raise ConfigError(f"resume={cfg.resume} holds no melanoma-train run (no folds.csv); point it at the folder "
                           "of an interrupted run, or leave resume= out to start a new one")
@@ -106,15 +90,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
     operating_point = str(cfg.cv.operating_point)
-    if operating_point not in OPERATING_POINTS:
-        raise ConfigError(f"cv.operating_point={operating_point} is not one of {', '.join(OPERATING_POINTS)}")
-    if cfg.cv.calibration not in ("temperature", "none"):
-        raise ConfigError(f"cv.calibration={cfg.cv.calibration!r} is not one of temperature, none")
     trainer = config["trainer"]
-    # Every key of these groups is checked before anything is read or written.
-    optimizer = _settings(OptimizerSettings, config["optimizer"], "optimizer")
-    schedule = _settings(ScheduleSettings, config["scheduler"], "scheduler")
-    settings = _settings(TrainSettings, {k: v for k, v in trainer.items() if k not in RUNTIME_KEYS}, "trainer")
+    optimizer, schedule = OptimizerSettings(**config["optimizer"]), ScheduleSettings(**config["scheduler"])
+    settings = TrainSettings(**{k: v for k, v in trainer.items() if k not in RUNTIME_KEYS})
     runtime = resolve_runtime(**{k: trainer[k] for k in RUNTIME_KEYS})
     run_dir = broadcast(run_dir, runtime)  # torchrun: every rank uses rank 0's run directory
     main = runtime.is_main
