@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +149,32 @@ def test_bad_arguments_name_the_key_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"split='val' is not one of test, train, all"):
         explain(tmp_path / "no_run", CPU, split="val")
     assert make_config(["ckpt=x"], "explain").n == 4  # the config composes, keys as the kwargs
+
+
+def test_the_clis_write_only_where_they_say(run_dir: Path, tiny_data: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """melanoma-explain keeps its .hydra/ and log next to its maps; a bad path leaves no folder (#14, 11b/c)."""
+    def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", f"melanoma.cli.{module}", *args, "trainer.device=cpu"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    done = cli("explain", f"ckpt={run_dir}", "n=2")
+    assert done.returncode == 0, done.stderr
+    assert {"activation_maps.png", "explain.csv", "explain.log", ".hydra"} <= {p.name for p in
+                                                                                (run_dir / "explain").iterdir()}
+    assert not (tmp_path / "outputs").exists()  # no empty outputs/explain/<date>/ any more
+    scored = cli("predict", f"ckpt={run_dir}", f"input={tiny_data / 'test' / 'benign'}", "num_workers=0")
+    assert scored.returncode == 0, scored.stderr
+    (log,) = (tmp_path / "outputs" / "predict").glob("*/predict.log")
+    assert "10 images scored (0 unreadable skipped)" in log.read_text()  # the log says what the folder holds
+    shutil.rmtree(tmp_path / "outputs")
+    monkeypatch.chdir(tmp_path)
+    for module, args in [("explain", [f"ckpt={tmp_path / 'typo'}"]), ("evaluate", [f"ckpt={tmp_path / 'typo'}"]),
+                         ("predict", [f"ckpt={run_dir}", f"input={tmp_path / 'typo.jpg'}"])]:
+        monkeypatch.setattr(sys, "argv", [f"melanoma-{module}", *args])
+        with pytest.raises(SystemExit) as refused:  # before Hydra starts: no subprocess needed
+            importlib.import_module(f"melanoma.cli.{module}").main()
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "typo" in err and "does not exist" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written for a mistake in a path

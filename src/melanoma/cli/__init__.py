@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Callable
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -19,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from melanoma.cli.schema import validate
 from melanoma.data import DEMO_DATA
-from melanoma.errors import ConfigError
+from melanoma.errors import ConfigError, MelanomaError
 
 
 def _env_rank() -> int:
@@ -33,6 +34,14 @@ OmegaConf.register_new_resolver("melanoma_demo_data", lambda name: str(DEMO_DATA
 OmegaConf.register_new_resolver("melanoma_run_dir", lambda resume, new: resume or new, replace=True)
 OmegaConf.register_new_resolver("melanoma_rank0_only", lambda value: value if _env_rank() == 0 else None,
                                 replace=True)
+# melanoma-explain's folder holds its maps next to its .hydra/ and explain.log: out=, else RUN_DIR/explain.
+def _explain_dir(ckpt: str, out: str | None) -> str:
+    from melanoma.gradcam import default_out  # matplotlib: only for the command that draws
+
+    return str(out or default_out(ckpt))
+
+
+OmegaConf.register_new_resolver("melanoma_explain_dir", _explain_dir, replace=True)
 OmegaConf.register_new_resolver("melanoma_rank_suffix", lambda: f".rank{_env_rank()}" if _env_rank() else "",
                                 replace=True)
 
@@ -84,7 +93,8 @@ def _composition_error(exc: Exception, config_name: str) -> str:
     return "; ".join(lines)
 
 
-def check_overrides(prog: str, config_name: str, argv: list[str] | None = None) -> None:
+def check_overrides(prog: str, config_name: str, argv: list[str] | None = None,
+                    preflight: Callable[[DictConfig], object] | None = None) -> None:
     """Compose the config as Hydra is about to, so that a mistake in the command line is one line and exit 2.
 
     Every key is then checked against the CLI's schema (:mod:`melanoma.cli.schema`): types, ranges,
@@ -92,6 +102,13 @@ def check_overrides(prog: str, config_name: str, argv: list[str] | None = None) 
     group option, an unknown key or a missing mandatory value over several lines (or a traceback)
     and exits with 1. Command lines with Hydra flags other than ``-m``/``--multirun`` (``--help``,
     ``--cfg``, ``--config-name``, ...) are left to Hydra.
+
+    Args:
+        prog: the command, for the message.
+        config_name: its top-level config.
+        argv: the command line; ``None`` is ``sys.argv[1:]``.
+        preflight: called with each composed config; a :class:`MelanomaError` it raises (e.g. a ``ckpt=``
+            that does not exist) is one line too, so a mistake in a path leaves no output folder behind.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides = [a for a in argv if a not in _HYDRA_FLAGS_WE_CHECK]
@@ -104,10 +121,14 @@ def check_overrides(prog: str, config_name: str, argv: list[str] | None = None) 
                 for key in sorted(OmegaConf.missing_keys(cfg)):
                     _fail(prog, f"{key} is required: pass {_REQUIRED.get(key, key + '=VALUE')} (see {prog} --help)")
                 validate(cfg, config_name)
+                if preflight is not None:
+                    preflight(cfg)
     except HydraException as exc:
         _fail(prog, _composition_error(exc, config_name))
     except ConfigError as exc:
         _fail(prog, f"{exc} (see {prog} --help)")
+    except MelanomaError as exc:
+        _fail(prog, str(exc))
     except OmegaConfBaseException as exc:  # e.g. an interpolation ${...} in an override that does not resolve
         key = getattr(exc, "full_key", None)
         _fail(prog, f"{key + ': ' if key else ''}{str(exc).splitlines()[0]}; check the overrides")

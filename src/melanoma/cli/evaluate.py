@@ -23,7 +23,7 @@ from melanoma.cli import check_overrides
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, held_promises, metrics_with_ci
 from melanoma.data import load_eval_set, training_images
 from melanoma.errors import DataError, report_user_errors
-from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
+from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
 from melanoma.plots import plot_evaluation
 from melanoma.runtime import resolve_runtime
 
@@ -142,7 +142,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-eval``."""
-    check_overrides("melanoma-eval", "eval")
+    check_overrides("melanoma-eval", "eval", preflight=lambda cfg: find_checkpoints(cfg.ckpt))
     _hydra_main()
 
 

@@ -15,9 +15,18 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from melanoma.cli import check_overrides
+from melanoma.data import find_images
 from melanoma.errors import report_user_errors
 from melanoma.gradcam import explain
+from melanoma.inference import find_checkpoints
 from melanoma.runtime import resolve_runtime
+
+
+def _preflight(cfg: DictConfig) -> None:
+    """The checkpoint and the input exist, before Hydra creates the output folder."""
+    find_checkpoints(cfg.ckpt)
+    if cfg.input is not None:
+        find_images(cfg.input)
 
 
 def explain_run(cfg: DictConfig) -> pd.DataFrame:
@@ -34,7 +43,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-explain``."""
-    check_overrides("melanoma-explain", "explain")
+    check_overrides("melanoma-explain", "explain", preflight=_preflight)
     _hydra_main()
 
 

@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from melanoma.checkpoint import write_csv
 from melanoma.cli import check_overrides
 from melanoma.data import find_images, scan_images
-from melanoma.errors import DataError, report_user_errors
-from melanoma.inference import load_ensemble, predict_paths, resolve_threshold
+from melanoma.errors import DataError, log_to_file, report_user_errors
+from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
 from melanoma.runtime import resolve_runtime
 
 log = logging.getLogger("melanoma.predict")
@@ -49,9 +49,18 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     table = pd.DataFrame({"path": paths, "prob": probs})
     table["decision"] = [classes[1] if p >= threshold else classes[0] for p in probs]
     write_csv(table, out_dir / "predictions.csv")
-    print(f"{len(table)} images scored ({len(bad)} unreadable skipped), {int((probs >= threshold).sum())} "
-          f"called {classes[1]} at the {name} threshold {threshold:.4f}; wrote {out_dir / 'predictions.csv'}")
+    summary = (f"{len(table)} images scored ({len(bad)} unreadable skipped), {int((probs >= threshold).sum())} "
+               f"called {classes[1]} at the {name} threshold {threshold:.4f} of {cfg.ckpt} (tta={cfg.tta}); "
+               f"wrote {out_dir / 'predictions.csv'}")
+    print(summary)
+    log_to_file("melanoma.predict", logging.INFO, summary)  # predict.log says what this folder holds
     return table
+
+
+def _preflight(cfg: DictConfig) -> None:
+    """The checkpoint and the input exist, before Hydra creates the output folder."""
+    find_checkpoints(cfg.ckpt)
+    find_images(cfg.input)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
@@ -61,7 +70,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``melanoma-predict``."""
-    check_overrides("melanoma-predict", "predict")
+    check_overrides("melanoma-predict", "predict", preflight=_preflight)
     _hydra_main()
 
 
