@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import melanoma.crossval as crossval
+from melanoma.cache import decode_resized
 from melanoma.checkpoint import load_checkpoint, run_lock, save_checkpoint, write_json
 from melanoma.cli.train import train
 from melanoma.crossval import load_training_set
-from melanoma.data import load_records
+from melanoma.data import DEMO_DATA, load_records, scan_images
 from melanoma.errors import ConfigError, DataError, NonFiniteLossError, WeightsError, report_user_errors
 from melanoma.models import create_model
 
@@ -203,3 +206,46 @@ def test_the_log_file_records_the_table_and_the_error(tiny_data: Path, tmp_path:
     text = (tmp_path / "train.log").read_text()
     assert "audit: 0 test images" in text and "mean ± std" in text and "pooled out-of-fold: AUC" in text
     assert "melanoma-train: error: data.root=" in text  # the one line on stderr, kept for melanoma-report
+
+
+def _corrupt(data: bytes, rng: random.Random, how: int) -> bytes:
+    """JPEG bytes cut short (0), with bytes of the headers overwritten (1), or random bytes anywhere (2)."""
+    data = bytearray(data)
+    if how == 0:
+        return bytes(data[:rng.randrange(len(data) // 2)])
+    for _ in range(rng.randint(1, 20)):
+        data[rng.randrange(min(600, len(data)) if how == 1 else len(data))] = rng.randrange(256)
+    return bytes(data)
+
+
+def _fully_decodes(path: Path) -> bool:
+    """Decoded at full size by PIL: independent of the scan, which decodes JPEGs at a reduced scale."""
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB").load()
+    except Exception:  # noqa: BLE001 - any failure at all counts as unreadable here
+        return False
+    return True
+
+
+def test_corrupted_jpegs_never_crash_training_and_are_counted(tiny_data: Path, tmp_path: Path) -> None:
+    """Fuzz: random corruptions of real-sized JPEGs; what the scan passes decodes, what it refuses is counted."""
+    rng = random.Random(14)
+    sources = sorted((DEMO_DATA / "isic-uda1").rglob("*.jpg"))[:8]
+    for i in range(240):  # the scan itself never raises, and a file it passes always decodes for training
+        path = tmp_path / f"fuzz{i}.jpg"
+        path.write_bytes(_corrupt(rng.choice(sources).read_bytes(), rng, i % 3))
+        if scan_images([str(path)], "skip") == []:
+            assert decode_resized(path, 64).shape[0] == 3
+        path.unlink()
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    victims = rng.sample(sorted((root / "train").rglob("*.jpg")), 12)
+    for k, path in enumerate(victims):
+        path.write_bytes(_corrupt(path.read_bytes(), rng, k % 3))
+    unreadable = {str(p) for p in victims if not _fully_decodes(p)}
+    assert len(unreadable) >= 4  # at least the four cut short
+    metrics = train(make_config([f"data.root={root}", *TINY, "trainer.epochs=1", "cv.folds=2",
+                                 "data.on_bad_file=skip"]), tmp_path / "run")
+    assert {f["path"] for f in metrics["skipped_files"]} == unreadable and metrics["n_skipped"] == len(unreadable)
+    assert metrics["n_images"] == len(list((root / "train").rglob("*.jpg"))) - len(unreadable)
