@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -249,3 +250,19 @@ def test_corrupted_jpegs_never_crash_training_and_are_counted(tiny_data: Path, t
                                  "data.on_bad_file=skip"]), tmp_path / "run")
     assert {f["path"] for f in metrics["skipped_files"]} == unreadable and metrics["n_skipped"] == len(unreadable)
     assert metrics["n_images"] == len(list((root / "train").rglob("*.jpg"))) - len(unreadable)
+
+
+def test_a_resume_whose_preprocessing_resolves_differently_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    """Another timm may resolve another crop or interpolation for the same model: the finished folds did not."""
+    run, args = tmp_path / "run", [f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2",
+                                   "audit.enabled=false"]
+    train(make_config(args), run)
+    recorded = json.loads((run / "preprocess.json").read_text())
+    (run / "preprocess.json").write_text(json.dumps({**recorded, "crop_pct": 0.5}))  # as an older timm had it
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"preprocess.json records another preprocessing .*\(crop_pct: 0.5 -> "
+                                          rf"{recorded['crop_pct']}; .*train into a new run directory"):
+        train(make_config([*args, f"resume={run}"]), run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
+    (run / "preprocess.json").write_text(json.dumps(recorded))
+    assert train(make_config([*args, f"resume={run}"]), run)["folds"]  # the same preprocessing resumes

@@ -8,6 +8,7 @@ operating points on those predictions (never on the test split) and writes ``met
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from melanoma.calibration import apply_temperature, fit_temperature
 from melanoma.checkpoint import CONFIG, PREPROCESS, update_checkpoint, write_csv, write_json, write_yaml
 from melanoma.data import ImageDataset, handle_bad_files, load_records, make_loader, scan_images, split_records
 from melanoma.engine import fit, make_loss
-from melanoma.errors import DataError
+from melanoma.errors import ConfigError, DataError
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.optim import OptimizerSettings, ScheduleSettings, create_optimizer, create_scheduler
 from melanoma.runtime import Runtime, seed_everything
@@ -154,15 +155,44 @@ def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: b
     """Write the run's ``config.yaml`` (resolved) and ``preprocess.json``: what reports redraw figures from.
 
     With ``overwrite=False`` an existing ``config.yaml`` that differs (other than in ``resume``) is left as
-    it is: a refused resume must not rewrite the record of the run it refused to change.
+    it is: a refused resume must not rewrite the record of the run it refused to change. Where it is the
+    same, the run goes on from its files, and its recorded preprocessing must be what is resolved now.
+
+    Raises:
+        ConfigError: a resumed run whose ``preprocess.json`` differs (see :func:`check_resumed_preprocess`).
     """
     path = run_dir / CONFIG
     if not overwrite and path.is_file():
         recorded = yaml.safe_load(path.read_text()) or {}
         if {k: v for k, v in recorded.items() if k != "resume"} != {k: v for k, v in config.items() if k != "resume"}:
             return
+        check_resumed_preprocess(run_dir, preprocess)
     write_yaml(dict(config), path)
     write_json(dict(preprocess), run_dir / PREPROCESS)
+
+
+def check_resumed_preprocess(run_dir: Path, preprocess: Mapping) -> None:
+    """A resumed run must turn images into tensors as it did: its finished folds were trained that way.
+
+    Args:
+        run_dir: the run's folder.
+        preprocess: what this environment resolves (:meth:`melanoma.transforms.Preprocess.to_dict`).
+
+    The preprocessing comes from timm's config for the model (``resolve_data_config``), so another timm
+    can resolve it differently under the very same overrides.
+
+    Raises:
+        ConfigError: ``RUN_DIR/preprocess.json`` records other values than this environment resolves.
+    """
+    path = run_dir / PREPROCESS
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in preprocess.items() if recorded.get(k) != v]
+    if changed:
+        raise ConfigError(f"{path} records another preprocessing than this environment resolves for the same "
+                          f"config ({', '.join(changed)}; timm's data config for the model changed?); resume with "
+                          "the timm the run trained with, or train into a new run directory")
 
 
 def _check_free_space(run_dir: Path, model: nn.Module, fold: int) -> None:
