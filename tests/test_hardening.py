@@ -9,7 +9,9 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,14 +51,76 @@ def test_the_audit_applies_on_bad_file_to_a_missing_file(tiny_data: Path, tmp_pa
         load_training_set("csv", None, ("benign", "malignant"), manifest, on_bad_file="error", audit_workers=1)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_the_audit_applies_on_bad_file_to_an_unreadable_file(tiny_data: Path, tmp_path: Path) -> None:
-    locked = tmp_path / "locked.jpg"
-    locked.write_bytes(next((tiny_data / "train" / "benign").iterdir()).read_bytes())
-    locked.chmod(0)
-    manifest = _manifest(tmp_path, tiny_data, [f"{locked},0,train"])
-    kept = load_training_set("csv", None, ("benign", "malignant"), manifest, on_bad_file="skip", audit_workers=1)
-    assert kept.skipped[0][0] == str(locked) and kept.skipped[0][1].startswith("PermissionError")
+def _as_user_without_root(uid: int, work: Callable[[], object]) -> object:
+    """``work()`` in a forked child that gave up root (root reads files whatever their permissions).
+
+    A fork, not a new interpreter: the interpreter of this venv may sit under a folder that only root can
+    read. The child returns its result (or its error as text) through a pipe.
+    """
+    if os.geteuid() != 0:
+        return work()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid, do the work, report, exit without running pytest's teardown
+        os.close(read_end)
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            result: object = {"ok": work()}
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(write_end, json.dumps(result, default=str).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    result = json.loads(text)
+    assert "ok" in result, result["error"]
+    return result["ok"]
+
+
+def test_the_audit_applies_on_bad_file_to_an_unreadable_file(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file without read permission for the user: skipped and counted, not a PermissionError traceback.
+
+    The hash cache belongs to root here: the audit warns that it cannot write it, and goes on.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="melanoma-perm-"))  # not tmp_path: its parents are root's alone
+    try:
+        images = sorted((tiny_data / "train").rglob("*.jpg"))[::15]
+        for k, image in enumerate(images):
+            shutil.copy(image, folder / f"{k}.jpg")
+        locked = folder / "locked.jpg"
+        shutil.copy(images[0], locked)
+        rows = [f"{folder / f'{k}.jpg'},{k % 2},train" for k in range(len(images))] + [f"{locked},0,train"]
+        (folder / "manifest.csv").write_text("\n".join(["path,label,split", *rows]) + "\n")
+        for path in [folder, *folder.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        locked.chmod(0)
+
+        def audit() -> dict:
+            warnings: list[str] = []
+            handler = logging.Handler()
+            handler.emit = lambda record: warnings.append(record.getMessage())
+            logging.getLogger("melanoma.audit").addHandler(handler)
+            try:
+                kept = load_training_set("csv", None, ("benign", "malignant"), folder / "manifest.csv",
+                                         on_bad_file="skip", audit_workers=1)
+            finally:
+                logging.getLogger("melanoma.audit").removeHandler(handler)
+            return {"skipped": kept.skipped, "kept": len(kept.records), "unreadable": kept.summary["unreadable"],
+                    "warnings": warnings}
+
+        if os.geteuid() != 0:  # no root to own the cache: make it unwritable
+            (folder / "cache").mkdir(mode=0o555)
+            monkeypatch.setenv("MELANOMA_CACHE", str(folder / "cache"))
+        seen = _as_user_without_root(65534, audit)
+        assert [path for path, _ in seen["skipped"]] == [str(locked)] and seen["kept"] == len(images)
+        assert seen["skipped"][0][1].startswith("PermissionError")
+        assert seen["unreadable"][0]["path"] == str(locked)  # in audit.json too
+        assert any(w.startswith("audit cache not written") and "MELANOMA_CACHE=FOLDER" in w for w in seen["warnings"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_repeated_manifest_rows_collapse_and_conflicting_labels_are_one_line(

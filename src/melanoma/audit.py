@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -36,11 +37,25 @@ from scipy.sparse.csgraph import connected_components
 
 from melanoma.checkpoint import atomic_path
 from melanoma.data import file_digest, load_image
+from melanoma.errors import DataError
 
 HASH_VERSION = 1
 _GRID, _KEEP = 32, 12  # hash the lowest 12x12 DCT frequencies of a 32x32 image, DC left out
 _BITS = _KEEP * _KEEP - 1
 _WORDS = 3  # 143 bits packed into three uint64 words
+
+
+log = logging.getLogger("melanoma.audit")
+
+
+def _write_cache(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a cache file atomically; a cache that cannot be written (read-only home, full disk) is a warning."""
+    try:
+        with atomic_path(path) as tmp:
+            write(tmp)
+    except (OSError, DataError) as exc:  # DataError: atomic_path's full disk
+        log.warning("audit cache not written (%s: %s); set MELANOMA_CACHE=FOLDER to a writable folder to keep "
+                    "the hashes for the next audit", path, getattr(exc, "strerror", None) or exc)
 
 
 def default_cache() -> Path:
@@ -92,7 +107,7 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
     cache_file = (cache_dir or default_cache()) / f"phash-v{HASH_VERSION}.json"
     try:
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    except ValueError:  # a damaged cache is rebuilt, never trusted
+    except (ValueError, OSError):  # a damaged or unreadable cache is rebuilt, never trusted
         cache = {}
     shas, unreadable = [], {}
     for path in paths:  # a missing or unreadable file is a finding (data.on_bad_file decides), not a crash
@@ -110,8 +125,7 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
         else:
             results = [_hash_file(p) for _, p in todo]
         cache.update({s: r for (s, _), r in zip(todo, results, strict=True)})  # errors too: same bytes, same error
-        with atomic_path(cache_file) as tmp:
-            tmp.write_text(json.dumps(cache))
+        _write_cache(cache_file, lambda tmp: tmp.write_text(json.dumps(cache)))
     rows = []
     for path, sha in zip(paths, shas, strict=True):
         entry = cache[sha] if sha is not None else {"error": unreadable[path]}
@@ -157,11 +171,13 @@ def _cached_pairs(shas: list[str], threshold: int, cache_dir: Path | None,
         return pd.DataFrame({"i": [], "j": [], "distance": []}, dtype=int)
     key = hashlib.sha256(f"{HASH_VERSION}:{threshold}:{','.join(shas)}".encode()).hexdigest()[:32]
     path = (cache_dir or default_cache()) / f"pairs-v{HASH_VERSION}-{key}.csv"
-    if path.is_file():
-        return pd.read_csv(path)
+    try:
+        if path.is_file():
+            return pd.read_csv(path)
+    except (OSError, ValueError):  # unreadable or damaged: searched again
+        pass
     pairs = search()
-    with atomic_path(path) as tmp:
-        pairs.to_csv(tmp, index=False)
+    _write_cache(path, lambda tmp: pairs.to_csv(tmp, index=False))
     return pairs
 
 
