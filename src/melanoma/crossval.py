@@ -29,6 +29,8 @@ from melanoma.checkpoint import CONFIG, PREPROCESS, update_checkpoint, write_csv
 from melanoma.data import ImageDataset, handle_bad_files, load_records, make_loader, scan_images, split_records
 from melanoma.engine import fit, make_loss
 from melanoma.errors import ConfigError, DataError
+from melanoma.fusion import fuse
+from melanoma.metadata import Kind, MetadataEncoder
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.optim import OptimizerSettings, ScheduleSettings, create_optimizer, create_scheduler
 from melanoma.runtime import Runtime, seed_everything
@@ -117,7 +119,7 @@ class CrossValidation:
 def load_training_set(layout: str, root: str | Path | None, classes: Sequence[str], manifest: str | Path | None = None,
                       on_bad_file: str = "error", synthetic: Mapping | None = None, audit: bool = True,
                       audit_threshold: int = 14, audit_workers: int | None = None,
-                      records: pd.DataFrame | None = None) -> TrainingSet:
+                      records: pd.DataFrame | None = None, metadata: Sequence[str] = ()) -> TrainingSet:
     """The training split of a dataset, audited, with unreadable files handled by ``on_bad_file``.
 
     Args:
@@ -129,6 +131,7 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
         audit_threshold: pHash Hamming distance of a near duplicate.
         audit_workers: hashing processes (``None``: all cores).
         records: the dataset's records when the caller already listed them (:func:`load_records`).
+        metadata: manifest columns to keep (``data.metadata``), when ``records`` is not given.
 
     Raises:
         DataError: the split is missing, holds one class, or holds an unreadable file under ``error``.
@@ -137,18 +140,22 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
     if records is None:
         if synthetic:
             generate_dataset(root, **synthetic)
-        records = load_records(layout, root, classes, manifest)
+        records = load_records(layout, root, classes, manifest, metadata=metadata)
     train_set = split_records(records, "train", classes)  # fails early on a missing or one-class split
+    metadata = [c for c in records.columns if c not in ("path", "label", "split")]  # data.metadata columns
     if not audit:
         bad = scan_images(train_set["path"].tolist(), on_bad_file)
         train_set = train_set[~train_set["path"].isin({p for p, _ in bad})]
-        return TrainingSet(split_records(train_set, "train", classes)[["path", "label"]], bad)
+        return TrainingSet(split_records(train_set, "train", classes)[["path", "label", *metadata]], bad)
     images, pairs, summary = audit_records(records, audit_threshold, workers=audit_workers, classes=classes)
     train_images = images[images["split"] == "train"]
     unreadable = train_images[train_images["error"].notna()]
     bad = handle_bad_files(list(unreadable[["path", "error"]].itertuples(index=False, name=None)), on_bad_file)
     train_set = split_records(train_images[train_images["error"].isna()], "train", classes)
-    return TrainingSet(train_set[["path", "label", "group", "sha256"]], bad, pairs, summary)
+    train_set = train_set[["path", "label", "group", "sha256"]]
+    if metadata:  # the audit's table holds the files' facts; the manifest's columns come back by path
+        train_set = train_set.merge(records[["path", *metadata]], on="path", how="left", validate="one_to_one")
+    return TrainingSet(train_set, bad, pairs, summary)
 
 
 def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: bool = True) -> None:
@@ -211,7 +218,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
                    pipeline: Pipeline, runtime: Runtime, run_dir: Path, *, optimizer: OptimizerSettings,
                    schedule: ScheduleSettings, train: TrainSettings, loader: LoaderSettings,
                    decoded: DecodedImages | None = None, seed: int = 0, calibrate: bool = True,
-                   config: Mapping | None = None, classes: Sequence[str] = ("benign", "malignant")) -> CrossValidation:
+                   config: Mapping | None = None, classes: Sequence[str] = ("benign", "malignant"),
+                   metadata: Mapping[str, Kind | None] | None = None, fusion: str = "none") -> CrossValidation:
     """Train one model per fold and collect its validation (out-of-fold) predictions.
 
     Fold ``k`` trains on the records whose ``fold_of`` differs from ``k`` and validates on the rest.
@@ -219,7 +227,7 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
     :func:`melanoma.engine.fit`), and a fold whose ``last.pt`` exists goes on from it.
 
     Args:
-        records: ``path, label`` of the training images.
+        records: ``path, label`` of the training images, and the ``metadata`` columns.
         fold_of: each record's validation fold, ``0 .. folds-1`` (:func:`melanoma.folds.make_folds`).
         model_factory: returns a fresh model on the CPU (called once per fold, after seeding).
         pipeline: the training, evaluation and device transforms, and the preprocessing they record.
@@ -233,6 +241,10 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
         calibrate: fit a temperature per fold on its validation fold (:mod:`melanoma.calibration`).
         config: the resolved run config, stored in every checkpoint (and compared on resume).
         classes: negative and positive class names, stored in the checkpoints.
+        metadata: columns of ``records`` to encode (:func:`melanoma.metadata.parse_columns`); each fold
+            fits its :class:`~melanoma.metadata.MetadataEncoder` on its training part only and stores it
+            in its checkpoints.
+        fusion: ``none`` (image only) or ``concat`` (:mod:`melanoma.fusion`: the model also sees the metadata).
 
     Returns:
         The per-fold results and the OOF predictions.
@@ -246,8 +258,11 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
     for k in range(n_folds):
         tr, va = records[fold_of != k], records[fold_of == k]
         assert not set(tr["path"]) & set(va["path"]), "a validation image leaked into training"
+        encoder = MetadataEncoder.fit(tr, metadata) if metadata else None  # this fold's training rows only
+        fused = fusion != "none" and encoder is not None
         seed_everything(seed + k, train.deterministic)
-        model = model_factory().to(runtime.device, memory_format=runtime.memory_format)
+        model = fuse(model_factory(), fusion, encoder.width if fused else 0)
+        model = model.to(runtime.device, memory_format=runtime.memory_format)
         if runtime.is_main:
             _check_free_space(run_dir, model, k)
         if runtime.distributed:
@@ -256,7 +271,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
         if train.compile:
             model = torch.compile(model)
         loaders = [
-            make_loader(ImageDataset(part["path"], part["label"], tf, decoded), batch_sizes[is_train],
+            make_loader(ImageDataset(part["path"], part["label"], tf, decoded,
+                                     metadata=encoder.transform(part) if fused else None), batch_sizes[is_train],
                         train=is_train, num_workers=loader.num_workers, seed=seed + k,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=not train.deterministic,
                         rank=rank, world_size=world, prefetch_factor=loader.prefetch_factor)
@@ -268,7 +284,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
                                      schedule.warmup_lr, steps_per_epoch=len(loaders[0]))
         result = fit(model, *loaders, va["label"].to_numpy(), opt, scheduler,
                      make_loss(train.pos_weight, tr["label"].to_numpy()), runtime, train.epochs,
-                     run_dir / f"fold{k}", config, train.monitor, fold=k, checkpoint_extra=extra,
+                     run_dir / f"fold{k}", config, train.monitor, fold=k,
+                     checkpoint_extra=extra | {"metadata": encoder.to_dict() if encoder else None, "fusion": fusion},
                      skip_nonfinite=train.skip_nonfinite, device_transform=pipeline.device,
                      clip_grad_norm=train.clip_grad_norm, ema_decay=train.ema_decay)
         # Each fold model gets its own temperature, fitted on its validation fold: the ensemble then

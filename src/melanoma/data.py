@@ -6,12 +6,13 @@ training and evaluation never care where the images came from.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -72,8 +73,9 @@ def _class_folders(root: Path, classes: tuple[str, str], split: str, strict: boo
     return rows
 
 
-def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str]) -> list[dict]:
-    """Records of a CSV manifest with ``path,label`` and an optional ``split`` column."""
+def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
+                   metadata: Sequence[str] = ()) -> list[dict]:
+    """Records of a CSV manifest with ``path,label``, an optional ``split`` column and the ``metadata`` columns."""
     if not manifest.is_file():
         raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -81,6 +83,12 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str]) 
         if column not in table.columns:
             raise DataError(f"{manifest} has no {column!r} column (columns: {', '.join(table.columns)}); "
                             "the manifest needs path,label and optionally split")
+    for column in metadata:
+        if column not in table.columns:
+            close = difflib.get_close_matches(column, list(table.columns), n=3) or [
+                c for c in table.columns if column.lower() in c.lower() or c.lower() in column.lower()][:3]
+            raise DataError(f"{manifest} has no metadata column {column!r} (close: {', '.join(close) or 'none'}; "
+                            f"columns: {', '.join(table.columns)}); fix data.metadata or add the column")
     base = root if root is not None else manifest.parent
     names = {c.lower(): i for i, c in enumerate(classes)} | {"0": 0, "1": 1}
     rows, first_line, repeated = [], {}, 0
@@ -93,7 +101,8 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str]) 
         if split not in SPLITS:
             raise DataError(f"{manifest}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
         path = Path(rec["path"])
-        row = {"path": str(path if path.is_absolute() else base / path), "label": label, "split": split}
+        row = {"path": str(path if path.is_absolute() else base / path), "label": label, "split": split,
+               **{column: rec[column] for column in metadata}}
         if row["path"] in first_line:  # one image, one row: a repeat would be trained (or tested) twice
             before = rows[first_line[row["path"]][1]]
             if before != row:
@@ -115,6 +124,7 @@ def load_records(
     classes: tuple[str, str] = ("benign", "malignant"),
     manifest: str | Path | None = None,
     strict: bool = True,
+    metadata: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Find every image of a dataset.
 
@@ -126,9 +136,11 @@ def load_records(
         classes: negative and positive class names, as folder names or manifest labels.
         manifest: the CSV file, for the ``csv`` layout.
         strict: raise on a missing or empty class folder (``False`` lets the audit report it).
+        metadata: manifest columns to keep, as text (``csv`` only; see :mod:`melanoma.metadata`).
 
     Returns:
-        One row per image: ``path`` (str), ``label`` (0 or 1), ``split`` (``train``/``test``).
+        One row per image: ``path`` (str), ``label`` (0 or 1), ``split`` (``train``/``test``), then
+        the ``metadata`` columns.
 
     Raises:
         DataError: a folder or file is missing, empty, or does not match the layout.
@@ -139,8 +151,12 @@ def load_records(
     if layout == "csv":
         if manifest is None:
             raise ConfigError("data=csv needs data.manifest=PATH to a CSV with path,label[,split] columns")
-        rows = _read_manifest(Path(manifest).expanduser(), Path(root).expanduser() if root else None, classes)
-        return pd.DataFrame(rows, columns=["path", "label", "split"])
+        rows = _read_manifest(Path(manifest).expanduser(), Path(root).expanduser() if root else None, classes,
+                              metadata)
+        return pd.DataFrame(rows, columns=["path", "label", "split", *metadata])
+    if metadata:
+        raise ConfigError(f"data.metadata={list(metadata)} needs data=csv with a manifest that holds those columns "
+                          f"(data.layout={layout} has no metadata)")
     if layout not in ("kaggle", "folder"):
         raise ConfigError(f"data.layout={layout!r} is not one of kaggle, folder, csv")
     if root is None or not Path(root).expanduser().is_dir():
@@ -207,8 +223,8 @@ def find_images(input_path: str | Path) -> list[str]:
     return found
 
 
-def load_eval_set(data: Mapping, split: str,
-                  split_key: str = "eval.split") -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def load_eval_set(data: Mapping, split: str, split_key: str = "eval.split",
+                  metadata: Sequence[str] = ()) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The labelled images to score, with unreadable files handled by ``data["on_bad_file"]``.
 
     A split with a single class is returned as is: metrics that need both classes are then
@@ -220,9 +236,10 @@ def load_eval_set(data: Mapping, split: str,
         split: ``test``, ``train`` or ``all``.
         split_key: the config key that error messages name (``eval.split`` for melanoma-eval,
             ``split`` for melanoma-explain).
+        metadata: manifest columns to read too (what fused models need).
 
     Returns:
-        ``(images to score, skipped (path, reason))``.
+        ``(images to score: path, label and the metadata columns, skipped (path, reason))``.
 
     Raises:
         ConfigError: an unknown split.
@@ -234,7 +251,8 @@ def load_eval_set(data: Mapping, split: str,
         generate_dataset(data["root"], **data["synthetic"])
     # strict=False: an empty class folder is a one-class split, scored with the metrics that need
     # both classes reported as unavailable, not refused
-    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False)
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False,
+                           metadata=metadata)
     if data["layout"] != "folder" and split != "all":
         records = records[records["split"] == split]
     if records.empty:
@@ -244,7 +262,7 @@ def load_eval_set(data: Mapping, split: str,
     records = records[~records["path"].isin({p for p, _ in bad})]
     if records.empty:
         raise DataError(f"none of the {split} images could be read")
-    return records[["path", "label"]].reset_index(drop=True), bad
+    return records[["path", "label", *metadata]].reset_index(drop=True), bad
 
 
 def training_images(data: Mapping) -> pd.DataFrame:
@@ -327,25 +345,28 @@ class ImageDataset(Dataset):
 
     With ``decoded`` (a :class:`melanoma.cache.DecodedImages`, or any mapping of path to uint8
     CHW tensor) the pixels come from there instead of the file: the transform then starts from
-    the cached, already resized tensor.
+    the cached, already resized tensor. With ``metadata`` (one encoded row per image, see
+    :mod:`melanoma.metadata`) an item is ``(image, metadata, label)`` instead of ``(image, label)``.
     """
 
     def __init__(self, paths: list[str], labels: list[int], transform: Callable | None = None,
-                 decoded: Mapping[str, torch.Tensor] | None = None) -> None:
+                 decoded: Mapping[str, torch.Tensor] | None = None, metadata: np.ndarray | None = None) -> None:
         self.paths = list(paths)
         self.labels = list(labels)
         self.transform = transform
         self.decoded = decoded
+        self.metadata = torch.as_tensor(metadata, dtype=torch.float32) if metadata is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         path = self.paths[index]
         image = self.decoded[path] if self.decoded is not None else load_image(path)
         if self.transform is not None:
             image = self.transform(image)
-        return image, torch.tensor(self.labels[index], dtype=torch.float32)
+        label = torch.tensor(self.labels[index], dtype=torch.float32)
+        return (image, label) if self.metadata is None else (image, self.metadata[index], label)
 
 
 def usable_cores() -> int:

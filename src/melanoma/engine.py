@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,13 +52,17 @@ def configured_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime,
-               device_transform: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(batch: Sequence[torch.Tensor], runtime: Runtime,
+               device_transform: nn.Module | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A loader batch ``(images, labels)`` or ``(images, metadata, labels)`` on the device, as
+    ``(model inputs, labels)``: the model is called as ``model(*inputs)``."""
+    images, *metadata, labels = batch
     images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
     if device_transform is not None:
         with torch.no_grad():
             images = device_transform(images).contiguous(memory_format=runtime.memory_format)
-    return images, labels.to(runtime.device, non_blocking=True)
+    inputs = (images, *(m.to(runtime.device, non_blocking=True) for m in metadata))
+    return inputs, labels.to(runtime.device, non_blocking=True)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -87,10 +91,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     model.train()
     total, count, skipped = torch.zeros((), device=runtime.device), 0, 0
     first_bad = torch.full((), -1, device=runtime.device)  # checked once per epoch: no sync per step
-    for step, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)):
-        images, labels = _to_device(images, labels, runtime, device_transform)
+    for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)):
+        inputs, labels = _to_device(batch, runtime, device_transform)
         with runtime.autocast():
-            logits = model(images).squeeze(1)
+            logits = model(*inputs).squeeze(1)
         loss = loss_fn(logits.float(), labels)
         if skip_nonfinite and not torch.isfinite(loss):
             skipped += 1
@@ -132,10 +136,10 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, runtime: 
     """
     model.eval()
     losses, probs, n = [], [], 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
-        images, labels = _to_device(images, labels, runtime)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        inputs, labels = _to_device(batch, runtime)
         with runtime.autocast():
-            logits = model(images).squeeze(1).float()
+            logits = model(*inputs).squeeze(1).float()
         losses.append(loss_fn(logits, labels) * len(labels))
         probs.append(torch.sigmoid(logits))
         n += len(labels)

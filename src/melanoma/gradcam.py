@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from melanoma.checkpoint import write_csv
 from melanoma.data import find_images, load_eval_set, load_image, scan_images
 from melanoma.errors import ConfigError, DataError
+from melanoma.fusion import FusionNet
 from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
 from melanoma.plots import plot_activation_maps
 from melanoma.runtime import Runtime
@@ -51,6 +52,8 @@ def target_layer_name(model: nn.Module) -> str:
     Raises:
         ConfigError: the model is none of these.
     """
+    if isinstance(model, FusionNet):  # image + metadata: the backbone's layer
+        return f"backbone.{target_layer_name(model.backbone)}"
     if isinstance(model, ResNet):
         return "layer4"
     if isinstance(model, EfficientNet):
@@ -76,7 +79,7 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | torch.Tensor | None = None,
-             layer: nn.Module | None = None) -> np.ndarray:
+             layer: nn.Module | None = None, metadata: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM maps of a one-logit model, upsampled to the image size and scaled to [0, 1].
 
     The model's single logit is evidence for malignant; its negative is evidence for benign,
@@ -90,6 +93,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | to
         classes: per image, 0 (benign) or 1 (malignant) to explain; ``None`` explains the
             model's own decision at probability 0.5.
         layer: the convolutional layer to weigh; ``None`` picks :func:`target_layer`.
+        metadata: a fused model's encoded metadata of the images (held fixed: the map shows where
+            in the image the evidence lies, given the metadata).
 
     Returns:
         An array (N, H, W): ReLU of the gradient-weighted activations, bilinearly upsampled,
@@ -101,8 +106,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | to
     name = target_layer_name(model) if layer is None else None
     layer = target_layer(model) if layer is None else layer
 
-    def both_logits(x: torch.Tensor) -> torch.Tensor:  # column 0 benign, column 1 malignant
-        logit = model(x).float()
+    extra = () if metadata is None else (metadata,)
+
+    def both_logits(x: torch.Tensor, *meta: torch.Tensor) -> torch.Tensor:  # column 0 benign, column 1 malignant
+        logit = model(x, *meta).float()
         return torch.cat([-logit, logit], dim=1)
 
     shapes = []
@@ -110,9 +117,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | to
     try:
         with torch.enable_grad():
             if classes is None:
-                classes = (model(images).squeeze(1) >= 0).long()
+                classes = (model(images, *extra).squeeze(1) >= 0).long()
             target = torch.as_tensor(classes, device=images.device).long()
-            cam = LayerGradCam(both_logits, layer).attribute(images, target=target, relu_attributions=True)
+            cam = LayerGradCam(both_logits, layer).attribute(images, target=target, relu_attributions=True,
+                                                             additional_forward_args=extra or None)
     finally:
         hook.remove()
     # A token sequence (ViT) or a channels-last stage (Swin) is no (N, C, H, W) map; refuse it
@@ -203,11 +211,15 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         data = ensemble.config["data"]
         if data["layout"] == "folder":
             log.warning("data.layout=folder has no test split: images are drawn from all of %s", data["root"])
-        records, _ = load_eval_set(data, split, split_key="split")
+        records, _ = load_eval_set(data, split, split_key="split", metadata=ensemble.metadata_columns)
         chosen = select_images(records, n, seed, names, f"the {split} split of {data['root'] or data.get('manifest')}")
         source = " and ".join(f"{(chosen['label'] == k).sum()} {c}" for k, c in enumerate(names))
         source = f"{source} images of the {split} split"
     else:
+        if ensemble.encoders:
+            raise ConfigError(f"input={input}: the fused models of {ckpt} also read metadata "
+                              f"({', '.join(ensemble.metadata_columns)}); explain the run's own images (leave "
+                              "input= out, split=test|train|all), whose manifest holds it")
         bad = {p for p, _ in scan_images(paths, "skip")}
         paths = [p for p in paths if p not in bad]
         if not paths:
@@ -221,13 +233,19 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
     pre = ensemble.preprocess
     transform = eval_transform(pre)
     images = torch.stack([transform(load_image(p)) for p in chosen["path"]])
-    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=32)
-    chosen["prob"] = predict_probs(ensemble.models, loader, runtime, temperatures=ensemble.temperatures).mean(0)
+    encoded = ensemble.encode(chosen, str(ensemble.config["data"].get("manifest")))
+    meta = [torch.as_tensor(encoded)] if encoded is not None else []
+    loader = DataLoader(TensorDataset(images, *meta, torch.zeros(len(images))), batch_size=32)
+    chosen["prob"] = predict_probs(ensemble.models, loader, runtime, temperatures=ensemble.temperatures,
+                                   widths=[e.width for e in ensemble.encoders]).mean(0)
     chosen["pred"] = (chosen["prob"] >= cutoff).astype(int)
 
     batch = images.to(runtime.device, memory_format=runtime.memory_format)
     decisions = torch.tensor(chosen["pred"].tolist())
-    maps = np.mean([grad_cam(model, batch, decisions) for model in ensemble.models], axis=0)
+    per_model = ensemble.split_encoding(encoded)
+    maps = np.mean([grad_cam(model, batch, decisions, metadata=None if part is None else
+                             torch.as_tensor(part, device=runtime.device))
+                    for model, part in zip(ensemble.models, per_model, strict=True)], axis=0)
 
     mean, std = np.asarray(pre["mean"]), np.asarray(pre["std"])
     rgb = np.clip(images.permute(0, 2, 3, 1).numpy() * std + mean, 0, 1)  # the image the model saw

@@ -6,11 +6,12 @@ batch tensor, so an ensemble of three models with 8 views still decodes each JPE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -18,7 +19,9 @@ from tqdm.auto import tqdm
 
 from melanoma.checkpoint import load_checkpoint
 from melanoma.data import ImageDataset, make_loader, resolve_num_workers
-from melanoma.errors import ConfigError, WeightsError
+from melanoma.errors import ConfigError, DataError, WeightsError
+from melanoma.fusion import fuse
+from melanoma.metadata import MetadataEncoder
 from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model
 from melanoma.runtime import Runtime
@@ -59,6 +62,8 @@ class Ensemble:
         operating_point: the name of the run's chosen threshold.
         temperatures: each model's calibration temperature (1 for an uncalibrated model).
         oof_at_thresholds: out-of-fold metrics at each operating point, as training measured them.
+        encoders: each fused model's metadata encoding (fitted on its fold's training part); empty for
+            image-only models.
     """
 
     models: list[nn.Module]
@@ -69,6 +74,34 @@ class Ensemble:
     operating_point: str
     temperatures: list[float]
     oof_at_thresholds: dict
+    encoders: list[MetadataEncoder] = field(default_factory=list)
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The manifest columns the models read besides the image (none for image-only models)."""
+        return list(self.encoders[0].columns) if self.encoders else []
+
+    def encode(self, metadata: pd.DataFrame | None, source: str) -> np.ndarray | None:
+        """Every fused model's encoding of ``metadata``, side by side (``None`` for image-only models).
+
+        Raises:
+            DataError: a column the models need is missing from ``metadata`` (from ``source``).
+        """
+        if not self.encoders:
+            return None
+        missing = [c for c in self.metadata_columns if metadata is None or c not in metadata.columns]
+        if missing:
+            raise DataError(f"{source} has no metadata column {missing[0]!r}, which the fused models of "
+                            f"{self.paths[0].parent.parent} read (they need {', '.join(self.metadata_columns)}); "
+                            "add the column (empty cells are unknown values)")
+        return np.concatenate([encoder.transform(metadata) for encoder in self.encoders], axis=1)
+
+    def split_encoding(self, encoded: np.ndarray | None) -> list[np.ndarray | None]:
+        """:meth:`encode`'s columns cut into each model's own part (``None`` per model when image-only)."""
+        if encoded is None:
+            return [None] * len(self.models)
+        edges = np.cumsum([0, *(e.width for e in self.encoders)])
+        return [encoded[:, a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
     def degenerate_warning(self, name: str, threshold: float) -> str | None:
         """The one-line warning when the named point kept too little OOF specificity, else ``None``."""
@@ -83,13 +116,17 @@ def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
         WeightsError: a checkpoint is missing, broken, or its weights do not fit its model.
         ConfigError: the checkpoints were trained with different preprocessing.
     """
-    models, temperatures, paths, first = [], [], find_checkpoints(ckpt), None
+    models, temperatures, encoders, paths, first = [], [], [], find_checkpoints(ckpt), None
     for path in paths:
         payload = load_checkpoint(path)
         config, preprocess = payload.get("config", {}), payload.get("preprocess")
         if preprocess is None or "model" not in config:
             raise WeightsError(f"{path} lacks the training config or preprocessing; was it written by melanoma-train?")
-        model = create_model(config["model"]["name"], pretrained=False, num_classes=1)
+        encoder = MetadataEncoder.from_dict(payload["metadata"]) if payload.get("fusion", "none") != "none" else None
+        model = fuse(create_model(config["model"]["name"], pretrained=False, num_classes=1),
+                     payload.get("fusion", "none"), encoder.width if encoder else 0)
+        if encoder is not None:
+            encoders.append(encoder)
         try:
             model.load_state_dict(payload["model"])
         except RuntimeError as exc:
@@ -106,8 +143,11 @@ def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
         elif preprocess != first["preprocess"]:
             raise ConfigError(f"{path} was trained with {preprocess}, {paths[0]} with {first['preprocess']}; "
                               "evaluate them separately")
+        elif (fusion := payload.get("fusion", "none")) != (first_fusion := first.get("fusion", "none")):
+            raise ConfigError(f"{path} has model.fusion={fusion}, {paths[0]} model.fusion={first_fusion}: one "
+                              "ensemble reads one kind of input; evaluate them separately")
     return Ensemble(models, paths, first["config"], first["preprocess"], first.get("thresholds", {"0.5": 0.5}),
-                    first.get("operating_point", "0.5"), temperatures, first.get("oof_at_thresholds", {}))
+                    first.get("operating_point", "0.5"), temperatures, first.get("oof_at_thresholds", {}), encoders)
 
 
 def tta_views(images: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
@@ -128,10 +168,12 @@ def tta_views(images: torch.Tensor, tta: TTA) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime, tta: TTA = "none",
-                  temperatures: list[float] | None = None) -> np.ndarray:
+                  temperatures: list[float] | None = None, widths: list[int] | None = None) -> np.ndarray:
     """Probability of malignancy from each model, averaged over TTA views.
 
-    ``temperatures`` (one per model, default 1) divide each model's logits before the sigmoid.
+    ``temperatures`` (one per model, default 1) divide each model's logits before the sigmoid. A loader
+    of ``(images, metadata, labels)`` feeds fused models: ``widths`` says how many metadata columns
+    each model reads, side by side (:meth:`Ensemble.encode`).
 
     Returns:
         An array (models x images); the ensemble's prediction is its mean over axis 0.
@@ -139,29 +181,43 @@ def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime,
     tta_views(torch.zeros(1, 1, 2, 2), tta)  # validate before the first batch
     out = [[] for _ in models]
     temperatures = temperatures or [1.0] * len(models)
-    for images, _ in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
+    offsets = np.cumsum([0, *(widths or [])])
+    for images, *metadata, _ in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
+        metadata = [m.to(runtime.device, non_blocking=True) for m in metadata]
         views = tta_views(images, tta)
         for i, (model, temperature) in enumerate(zip(models, temperatures, strict=True)):
+            extra = [metadata[0][:, offsets[i]:offsets[i + 1]]] if metadata else []  # this model's own encoding
             with runtime.autocast():
-                probs = [torch.sigmoid(model(v).squeeze(1).float() / temperature) for v in views]
+                probs = [torch.sigmoid(model(v, *extra).squeeze(1).float() / temperature) for v in views]
             out[i].append(torch.stack(probs).mean(0))
     return np.stack([torch.cat(p).cpu().numpy() for p in out])
 
 
 def predict_paths(ensemble: Ensemble, paths: list[str], runtime: Runtime, tta: TTA = "none",
-                  batch_size: int = 128, num_workers: int | str = "auto") -> np.ndarray:
+                  batch_size: int = 128, num_workers: int | str = "auto", metadata: pd.DataFrame | None = None,
+                  source: str = "the metadata") -> np.ndarray:
     """Score image files with every model of ``ensemble``, preprocessed as they were trained.
+
+    Args:
+        metadata: for fused models, one row per path (in order) with their metadata columns; ignored
+            by image-only models.
+        source: where ``metadata`` came from, for the error of a missing column.
 
     Returns:
         An array (models x images) of probabilities of malignancy.
+
+    Raises:
+        DataError: fused models and ``metadata`` lacks one of their columns.
     """
     pre = ensemble.preprocess
     transform = eval_transform(pre)
-    loader = make_loader(ImageDataset(paths, [0] * len(paths), transform), batch_size, train=False,
+    encoded = ensemble.encode(metadata, source)
+    loader = make_loader(ImageDataset(paths, [0] * len(paths), transform, metadata=encoded), batch_size, train=False,
                          num_workers=resolve_num_workers(num_workers), seed=0,
                          pin_memory=runtime.device.type == "cuda")
-    return predict_probs(ensemble.models, loader, runtime, tta, ensemble.temperatures)
+    return predict_probs(ensemble.models, loader, runtime, tta, ensemble.temperatures,
+                         [e.width for e in ensemble.encoders])
 
 
 def resolve_threshold(choice: str | float | None, ensemble: Ensemble) -> tuple[str, float]:

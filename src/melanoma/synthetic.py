@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("benign", "malignant")
@@ -116,6 +117,24 @@ def _plan(n: int, seed: int, salt: int, benign_fraction: float) -> list[tuple[in
     return [(y, float(rng.beta(4, 2) if y else rng.beta(2, 4))) for y in labels]
 
 
+SITES = ("back", "lower extremity", "upper extremity", "torso", "head/neck")
+
+
+def _metadata(labels: list[int], rng: np.random.Generator) -> list[dict]:
+    """Clinical metadata that carries signal the image does not: older patients and the back for
+    malignant lesions, a sex column without signal, and about 15% of each column unknown."""
+    rows = []
+    for y in labels:
+        age = rng.normal(62, 10) if y else rng.normal(42, 12)
+        site = rng.choice(SITES, p=[0.5, 0.15, 0.1, 0.15, 0.1] if y else [0.1, 0.25, 0.25, 0.25, 0.15])
+        rows.append({"age_approx": str(int(np.clip(round(age / 5) * 5, 5, 90))),
+                     "sex": str(rng.choice(["female", "male"])), "anatom_site": str(site)})
+        for key in rows[-1]:
+            if rng.random() < 0.15:
+                rows[-1][key] = "" if key != "anatom_site" else "unknown"
+    return rows
+
+
 def generate_dataset(
     root: str | Path,
     n_train: int = 600,
@@ -125,6 +144,7 @@ def generate_dataset(
     benign_fraction: float = KAGGLE_TRAIN_BENIGN_FRACTION,
     quality: int = 90,
     workers: int | None = None,
+    metadata: bool = False,
 ) -> Path:
     """Write a synthetic dataset in the Kaggle layout, once.
 
@@ -141,6 +161,9 @@ def generate_dataset(
         benign_fraction: share of benign images in the training split.
         quality: JPEG quality.
         workers: processes to render with; default all cores.
+        metadata: also write ``root/manifest.csv`` (``path,label,split,age_approx,sex,anatom_site``, for
+            ``data=csv``) with metadata drawn given each label, so that age and site carry signal of
+            their own and an image + metadata model can beat an image-only one.
 
     Returns:
         ``root`` as a Path.
@@ -148,6 +171,8 @@ def generate_dataset(
     root = Path(root).expanduser()
     params = {"format": _FORMAT, "n_train": n_train, "n_test": n_test, "size": size,
               "seed": seed, "benign_fraction": benign_fraction, "quality": quality}
+    if metadata:  # only then: sets written before the option keep their stamp
+        params["metadata"] = True
     stamp = root / "synthetic.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return root
@@ -158,13 +183,16 @@ def generate_dataset(
         )
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    jobs = []
+    jobs, manifest = [], []
     for split, n, salt, frac in (("train", n_train, 1, benign_fraction), ("test", n_test, 2, 0.5)):
         for cls in CLASSES:
             (tmp / split / cls).mkdir(parents=True)
-        for i, (label, severity) in enumerate(_plan(n, seed, salt, frac)):
+        plan = _plan(n, seed, salt, frac)
+        extra = _metadata([y for y, _ in plan], np.random.default_rng([seed, salt, 7])) if metadata else [{}] * n
+        for i, ((label, severity), columns) in enumerate(zip(plan, extra, strict=True)):
             path = tmp / split / CLASSES[label] / f"{split}_{i:05d}.jpg"
             jobs.append((seed, salt * 10_000_000 + i, severity, size, str(path), quality))
+            manifest.append({"path": str(path.relative_to(tmp)), "label": CLASSES[label], "split": split} | columns)
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
@@ -172,6 +200,8 @@ def generate_dataset(
     else:
         for job in jobs:
             _render_to_file(job)
+    if metadata:
+        pd.DataFrame(manifest).to_csv(tmp / "manifest.csv", index=False)
     (tmp / "synthetic.json").write_text(json.dumps(params, indent=2))
     if root.exists():
         root.rmdir()  # empty, checked above

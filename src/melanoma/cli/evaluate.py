@@ -63,12 +63,12 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
         log.warning("%s", warning)
-    eval_set, bad = load_eval_set(data, cfg.eval.split)
+    eval_set, bad = load_eval_set(data, cfg.eval.split, metadata=ensemble.metadata_columns)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
 
     per_model = predict_paths(ensemble, eval_set["path"].tolist(), runtime, cfg.eval.tta, cfg.eval.batch_size,
-                              cfg.eval.num_workers)
+                              cfg.eval.num_workers, metadata=eval_set, source=str(data.get("manifest")))
     predictions = eval_set.assign(prob=per_model.mean(0))
     for path, probs in zip(ensemble.paths, per_model, strict=True):
         predictions[f"prob_{path.parent.name if path.name == 'best.pt' else path.stem}"] = probs

@@ -28,6 +28,35 @@ from melanoma.runtime import resolve_runtime
 log = logging.getLogger("melanoma.predict")
 
 
+def _metadata_of(paths: list[str], csv: str | None, columns: list[str]) -> pd.DataFrame | None:
+    """The metadata rows of ``paths`` (in order) from ``csv`` (``path`` + columns, relative paths from its folder).
+
+    Raises:
+        DataError: fused models and no CSV, or an image without a row in it.
+    """
+    if not columns:
+        if csv is not None:
+            log.info("metadata=%s is not used: the run's models read images only", csv)
+        return None
+    if csv is None:
+        raise DataError(f"the run's models also read metadata ({', '.join(columns)}); pass metadata=CSV with a path "
+                        "column and those columns for the images (empty cells are unknown values)")
+    source = Path(csv).expanduser()
+    if not source.is_file():
+        raise DataError(f"metadata={csv} does not exist; point it at a CSV with path,{','.join(columns)}")
+    table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    if "path" not in table.columns:
+        raise DataError(f"metadata={csv} has no 'path' column (columns: {', '.join(table.columns)})")
+    resolved = [str((source.parent / p).resolve()) if not Path(p).is_absolute() else str(Path(p).resolve())
+                for p in table["path"]]
+    rows = table.assign(path=resolved).drop_duplicates("path").set_index("path")
+    absent = [p for p in paths if str(Path(p).resolve()) not in rows.index]
+    if absent:
+        raise DataError(f"metadata={csv} has no row for {absent[0]} ({len(absent)} of {len(paths)} images have none); "
+                        "add a row per image (empty cells are unknown values)")
+    return rows.loc[[str(Path(p).resolve()) for p in paths]].reset_index()
+
+
 def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Score the images of ``cfg.input`` and write ``out_dir/predictions.csv``.
 
@@ -44,7 +73,9 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     paths = [p for p in paths if p not in bad]
     if not paths:
         raise DataError(f"none of the images in input={cfg.input} could be read")
-    probs = predict_paths(ensemble, paths, runtime, cfg.tta, cfg.batch_size, cfg.num_workers).mean(0)
+    metadata = _metadata_of(paths, cfg.metadata, ensemble.metadata_columns)
+    probs = predict_paths(ensemble, paths, runtime, cfg.tta, cfg.batch_size, cfg.num_workers, metadata=metadata,
+                          source=f"metadata={cfg.metadata}").mean(0)
     classes = ensemble.config["data"]["classes"]
     table = pd.DataFrame({"path": paths, "prob": probs})
     table["decision"] = [classes[1] if p >= threshold else classes[0] for p in probs]

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from melanoma.crossval import OPERATING_POINTS
 from melanoma.data import SPLITS as DATA_SPLITS
 from melanoma.errors import ConfigError
+from melanoma.fusion import FUSIONS
 from melanoma.gradcam import SPLITS as EXPLAIN_SPLITS
 from melanoma.optim import OPTIMIZERS, SCHEDULERS
 from melanoma.transforms import INTERPOLATIONS
@@ -101,10 +102,13 @@ DATA = {
     "num_workers": WORKERS, "prefetch_factor": integer(1) | NULL, "cache": choice("none", "memory", "disk"),
     "cache_edge": integer(16) | NULL, "cache_dir": TEXT | NULL, "on_bad_file": choice("error", "skip"),
     "synthetic": NULL | MAPPING,
+    "metadata": Rule(lambda v: isinstance(v, list | tuple) and all(isinstance(c, str) and c for c in v),
+                     "a list of manifest column names (e.g. [age_approx,sex])"),
 }
-SYNTHETIC = {"n_train": integer(4), "n_test": integer(2), "size": integer(16, 4096), "seed": integer(0)}
+SYNTHETIC = {"n_train": integer(4), "n_test": integer(2), "size": integer(16, 4096), "seed": integer(0),
+             "metadata": FLAG}
 MODEL = {"name": TEXT, "pretrained": FLAG, "weights": TEXT | NULL, "drop_rate": number(0, 1, hi_open=True),
-         "strict_weights": FLAG}
+         "strict_weights": FLAG, "fusion": choice(*FUSIONS)}
 AUGMENTATION = {
     "name": TEXT, "augment": FLAG, "crop_pct": number(0, 1, lo_open=True) | NULL,
     "interpolation": choice(*INTERPOLATIONS) | NULL,
@@ -143,7 +147,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "eval": {"ckpt": TEXT, "data": {key: rule | NULL for key, rule in DATA.items()}, "eval": EVAL, "trainer": RUNTIME,
              "audit": AUDIT},
     "predict": {"ckpt": TEXT, "input": TEXT, "threshold": THRESHOLD | NULL, "tta": choice(*TTAS),
-                "batch_size": integer(1), "num_workers": WORKERS, "trainer": RUNTIME},
+                "batch_size": integer(1), "num_workers": WORKERS, "metadata": TEXT | NULL, "trainer": RUNTIME},
     "explain": {"ckpt": TEXT, "input": TEXT | NULL, "split": choice(*EXPLAIN_SPLITS), "n": integer(1),
                 "seed": integer(0), "threshold": THRESHOLD | NULL, "out": TEXT | NULL, "trainer": RUNTIME},
 }

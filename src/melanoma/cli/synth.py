@@ -1,6 +1,7 @@
 """``melanoma-synth ROOT``: write a synthetic set of lesion-like JPEGs (tests, benchmarks, the GPU check).
 
     melanoma-synth data/synthetic --n-train 600 --n-test 200 --size 128
+    melanoma-synth data/synthetic-meta --metadata   # + manifest.csv: train with data=csv data.metadata=[...]
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--metadata", action="store_true",
+                        help="also write ROOT/manifest.csv with age_approx, sex and anatom_site that carry signal")
     args = parser.parse_args(argv)
     try:
         root = generate_dataset(args.root, args.n_train, args.n_test, args.size, args.seed,
-                                workers=args.workers)
+                                workers=args.workers, metadata=args.metadata)
     except FileExistsError as exc:
         parser.exit(2, f"melanoma-synth: {exc}\n")
     print(root)

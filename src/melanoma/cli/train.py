@@ -43,6 +43,7 @@ from melanoma.crossval import (
 from melanoma.data import load_records, resolve_num_workers, split_records
 from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, report_user_errors
 from melanoma.folds import make_folds
+from melanoma.metadata import parse_columns
 from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model, model_data_config
 from melanoma.optim import OptimizerSettings, ScheduleSettings
@@ -100,9 +101,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
              runtime.world_size)
 
     m, data = config["model"], config["data"]
+    metadata = parse_columns(data["metadata"])
+    if m["fusion"] != "none" and not metadata:
+        raise ConfigError(f"model.fusion={m['fusion']} needs metadata columns: data=csv data.manifest=CSV "
+                          "data.metadata=[age_approx,sex] (or model.fusion=none)")
     records = None
     if not data["synthetic"]:  # the data first: a missing folder fails in seconds, before weights are fetched
-        records = load_records(data["layout"], data["root"], data["classes"], data["manifest"])
+        records = load_records(data["layout"], data["root"], data["classes"], data["manifest"],
+                               metadata=list(metadata))
         split_records(records, "train", tuple(data["classes"]))
 
     def model_factory() -> torch.nn.Module:
@@ -120,7 +126,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     audit = config["audit"]
     training = load_training_set(data["layout"], data["root"], data["classes"], data["manifest"], data["on_bad_file"],
                                  data["synthetic"], audit=audit["enabled"], audit_threshold=audit["threshold"],
-                                 audit_workers=audit["workers"], records=records)
+                                 audit_workers=audit["workers"], records=records, metadata=list(metadata))
     train_set, bad = training.records, training.skipped
     labels = train_set["label"].to_numpy()
     grouped = cfg.cv.group_duplicates and training.summary is not None
@@ -157,11 +163,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("the model starts from random init: optimizer.layer_decay=%s is not applied", optimizer.layer_decay)
         optimizer.layer_decay = None
     cv = cross_validate(
-        train_set[["path", "label"]], fold_of, model_factory, pipeline, runtime, run_dir,
+        train_set[["path", "label", *metadata]], fold_of, model_factory, pipeline, runtime, run_dir,
         optimizer=optimizer, schedule=schedule, train=settings,
         loader=LoaderSettings(data["batch_size"], data["eval_batch_size"], workers, data["prefetch_factor"]),
         decoded=decoded, seed=cfg.seed, calibrate=cfg.cv.calibration == "temperature", config=config,
-        classes=data["classes"])
+        classes=data["classes"], metadata=metadata, fusion=m["fusion"])
     if not main:
         return {}
     metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],

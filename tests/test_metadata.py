@@ -1,0 +1,176 @@
+"""Clinical metadata (#15): the encoding, fused image + metadata models, and reading the columns everywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from melanoma.checkpoint import load_checkpoint
+from melanoma.cli.evaluate import evaluate_run
+from melanoma.cli.predict import predict_images
+from melanoma.cli.train import train
+from melanoma.data import load_records
+from melanoma.errors import ConfigError, DataError
+from melanoma.fusion import FusionNet
+from melanoma.inference import load_ensemble, predict_paths
+from melanoma.metadata import MetadataEncoder, parse_columns
+from melanoma.optim import create_optimizer
+from melanoma.runtime import resolve_runtime
+from melanoma.synthetic import generate_dataset
+
+from conftest import TINY, make_config
+
+CPU = resolve_runtime("cpu", "fp32")
+COLUMNS = "data.metadata=[age_approx,sex,anatom_site]"
+
+
+def test_numeric_columns_are_standardised_with_a_missing_indicator() -> None:
+    train_rows = pd.DataFrame({"age": ["30", "50", "", "70", "unknown"]})
+    encoder = MetadataEncoder.fit(train_rows, {"age": None})
+    assert encoder.columns == {"age": "numeric"} and encoder.feature_names == ["age", "age=missing"]
+    mean, std = encoder.stats["age"]
+    assert mean == pytest.approx(50) and std == pytest.approx(np.std([30, 50, 70]))
+    out = encoder.transform(pd.DataFrame({"age": ["50", "NaN", "90", " 30 "]}))
+    assert out.dtype == np.float32 and out.shape == (4, 2)
+    assert out[:, 0] == pytest.approx([0, 0, 40 / std, -20 / std]) and out[:, 1].tolist() == [0, 1, 0, 0]
+
+
+def test_categorical_levels_come_from_the_training_rows_only() -> None:
+    """A level first seen at validation (or missing) is 'unknown': nothing of the validation rows leaks in."""
+    encoder = MetadataEncoder.fit(pd.DataFrame({"site": ["back", "torso", "back", "", "?"]}), {"site": None})
+    assert encoder.levels["site"] == ["back", "torso", "unknown"]
+    out = encoder.transform(pd.DataFrame({"site": ["torso", "palms/soles", "", "back"]}))
+    assert out.tolist() == [[0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]]
+    again = MetadataEncoder.from_dict(json.loads(json.dumps(encoder.to_dict())))  # as stored in best.pt
+    assert np.array_equal(again.transform(pd.DataFrame({"site": ["torso", "x"]})), out[:2])
+
+
+def test_kinds_are_detected_or_declared() -> None:
+    assert parse_columns(["age", "site:categorical", " zip : numeric "]) == {"age": None, "site": "categorical",
+                                                                              "zip": "numeric"}
+    frame = pd.DataFrame({"age": ["1", "2"], "code": ["10", "20"], "sex": ["male", ""]})
+    encoder = MetadataEncoder.fit(frame, {"age": None, "code": "categorical", "sex": None})
+    assert encoder.columns == {"age": "numeric", "code": "categorical", "sex": "categorical"}
+    assert encoder.width == 2 + 3 + 2
+    with pytest.raises(ConfigError, match=r"column 'sex' is declared numeric but holds 'male'; declare it "
+                                          r"sex:categorical"):
+        MetadataEncoder.fit(frame, {"sex": "numeric"})
+    with pytest.raises(ConfigError, match=r"'ordinal' is not one of numeric, categorical"):
+        parse_columns(["age:ordinal"])
+    with pytest.raises(ConfigError, match=r"names the column 'age' twice"):
+        parse_columns(["age", "age:numeric"])
+
+
+def test_manifest_columns_are_read_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,age_approx,sex\na.jpg,0,55,female\nb.jpg,1,,\n")
+    records = load_records("csv", None, manifest=manifest, metadata=["age_approx", "sex"])
+    assert records[["age_approx", "sex"]].values.tolist() == [["55", "female"], ["", ""]]
+    with pytest.raises(DataError, match=r"m.csv has no metadata column 'age' \(close: age_approx; columns: path, "
+                                        r"label, age_approx, sex\); fix data.metadata"):
+        load_records("csv", None, manifest=manifest, metadata=["age"])
+    with pytest.raises(ConfigError, match=r"data.metadata=\['age'\] needs data=csv"):
+        load_records("kaggle", tmp_path, metadata=["age"])
+
+
+def test_the_fused_model_keeps_timm_layer_decay_and_starts_at_one_half() -> None:
+    model = FusionNet(timm.create_model("test_efficientnet", num_classes=1), n_metadata=5)
+    images, metadata = torch.randn(4, 3, 32, 32), torch.randn(4, 5)
+    model.eval()
+    assert model(images, metadata).shape == (4, 1) and torch.all(model(images, metadata) == 0)  # zero head
+    opt = create_optimizer(model, "adamw", 1e-3, weight_decay=0.05, layer_decay=0.5)
+    lr = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    named = {name: lr[id(p)] for name, p in model.named_parameters()}
+    assert named["head.weight"] == named["meta.0.weight"] == pytest.approx(1e-3)  # new parts: the full rate
+    assert named["backbone.conv_stem.weight"] < named["backbone.blocks.3.0.conv_pw.weight"] < 1e-3  # stem least
+
+
+@pytest.fixture(scope="module")
+def meta_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic set whose label depends partly on age and site (generate_dataset(metadata=True))."""
+    return generate_dataset(tmp_path_factory.mktemp("meta") / "set", n_train=300, n_test=100, size=64, seed=0,
+                            metadata=True)
+
+
+def _train(meta_data: Path, out: Path, *extra: str) -> dict:
+    args = ["data=csv", f"data.manifest={meta_data / 'manifest.csv'}", *TINY, "trainer.epochs=4", "cv.folds=3",
+            COLUMNS, "audit.enabled=false", *extra]
+    return train(make_config(args), out)
+
+
+@pytest.fixture(scope="module")
+def runs(meta_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    for fusion in ("none", "concat"):
+        _train(meta_data, out / fusion, f"model.fusion={fusion}")
+    return {fusion: out / fusion for fusion in ("none", "concat")}
+
+
+def test_a_fused_model_beats_image_only_when_the_label_depends_on_metadata(runs: dict[str, Path]) -> None:
+    auc = {f: json.loads((run / "metrics.json").read_text())["oof"]["auc"] for f, run in runs.items()}
+    assert auc["concat"] > auc["none"] + 0.04, auc
+
+
+def test_each_fold_fits_its_encoding_on_its_training_part_only(runs: dict[str, Path], meta_data: Path) -> None:
+    folds = pd.read_csv(runs["concat"] / "folds.csv")
+    manifest = pd.read_csv(meta_data / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["path"] = [str(meta_data / p) for p in manifest["path"]]
+    rows = folds.merge(manifest, on="path")
+    for k in range(3):
+        stored = MetadataEncoder.from_dict(load_checkpoint(runs["concat"] / f"fold{k}" / "best.pt")["metadata"])
+        expected = MetadataEncoder.fit(rows[rows["fold"] != k], parse_columns(["age_approx", "sex", "anatom_site"]))
+        assert stored == expected
+        assert stored.stats != MetadataEncoder.fit(rows, stored.columns).stats  # not the whole set's
+
+
+def test_a_fused_model_predicts_after_loading_as_it_validated(runs: dict[str, Path], meta_data: Path) -> None:
+    """best.pt reloaded: its predictions on its own validation fold are the OOF predictions training wrote."""
+    oof = pd.read_csv(runs["concat"] / "oof_predictions.csv")
+    part = oof[oof["fold"] == 1]
+    manifest = pd.read_csv(meta_data / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["path"] = [str(meta_data / p) for p in manifest["path"]]
+    rows = part[["path"]].merge(manifest, on="path")
+    ensemble = load_ensemble(runs["concat"] / "fold1" / "best.pt", CPU)
+    assert ensemble.metadata_columns == ["age_approx", "sex", "anatom_site"]
+    probs = predict_paths(ensemble, rows["path"].tolist(), CPU, num_workers=0, metadata=rows)[0]
+    assert probs == pytest.approx(part["prob"].to_numpy(), abs=1e-5)
+    with pytest.raises(DataError, match=r"the.csv has no metadata column 'sex', which the fused models of .* read"):
+        predict_paths(ensemble, rows["path"].tolist(), CPU, num_workers=0, metadata=rows.drop(columns="sex"),
+                      source="the.csv")
+
+
+def test_eval_and_predict_read_the_metadata_columns(runs: dict[str, Path], meta_data: Path, tmp_path: Path) -> None:
+    fused = evaluate_run(make_config([f"ckpt={runs['concat']}", "eval.n_resamples=50", "eval.num_workers=0"], "eval"),
+                         tmp_path / "eval")
+    image_only = evaluate_run(make_config([f"ckpt={runs['none']}", "eval.n_resamples=50", "eval.num_workers=0"],
+                                          "eval"), tmp_path / "eval_none")
+    assert fused["n_images"] == image_only["n_images"] == 100
+    assert fused["thresholds"]["0.5"]["metrics"]["auc"]["value"] > image_only["thresholds"]["0.5"]["metrics"]["auc"][
+        "value"]
+    folder = meta_data / "test" / "malignant"
+    table = predict_images(make_config([f"ckpt={runs['concat']}", f"input={folder}", "num_workers=0",
+                                        f"metadata={meta_data / 'manifest.csv'}"], "predict"), tmp_path / "p")
+    assert len(table) == len(list(folder.iterdir())) and table["prob"].between(0, 1).all()
+    with pytest.raises(DataError, match=r"also read metadata \(age_approx, sex, anatom_site\); pass metadata=CSV"):
+        predict_images(make_config([f"ckpt={runs['concat']}", f"input={folder}", "num_workers=0"], "predict"),
+                       tmp_path / "p2")
+    partial = tmp_path / "partial.csv"
+    pd.read_csv(meta_data / "manifest.csv").assign(path=lambda t: [str(meta_data / p) for p in t["path"]]).head(
+        150).to_csv(partial, index=False)
+    with pytest.raises(DataError, match=r"partial.csv has no row for .*test_.*\.jpg \(\d+ of \d+ images have none\)"):
+        predict_images(make_config([f"ckpt={runs['concat']}", f"input={folder}", "num_workers=0",
+                                    f"metadata={partial}"], "predict"), tmp_path / "p3")
+    # image-only models ignore metadata
+    assert len(predict_images(make_config([f"ckpt={runs['none']}", f"input={folder}", "num_workers=0"], "predict"),
+                              tmp_path / "p4")) == len(table)
+
+
+def test_fusion_without_metadata_is_refused(meta_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.fusion=concat needs metadata columns: data=csv"):
+        train(make_config([f"data.root={meta_data}", *TINY, "model.fusion=concat"]), tmp_path / "run")
