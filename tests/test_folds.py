@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from melanoma.errors import ConfigError, DataError
-from melanoma.folds import make_folds
+from melanoma.folds import make_folds, merge_groups
 
 
 def test_folds_are_stratified_disjoint_and_cover_everything() -> None:
@@ -31,3 +31,36 @@ def test_too_few_images_or_folds() -> None:
         make_folds([0, 0, 0, 1, 1], 3)
     with pytest.raises(ConfigError, match=r"cv\.folds=1"):
         make_folds([0, 1] * 5, 1)
+
+
+def test_groups_join_images_that_share_any_key() -> None:
+    duplicates = [0, 0, 1, 2, 3, 4, 5]
+    patients = ["p1", "p2", "p2", "", None, "p3", "p3"]
+    # 0-1 are copies, 1-2 one patient: 0, 1, 2 together; 3 and 4 have no patient; 5-6 one patient
+    assert merge_groups(duplicates, patients).tolist() == [0, 0, 0, 1, 2, 3, 3]
+    assert merge_groups(patients).tolist() == [0, 1, 1, 2, 3, 4, 4]  # a missing key joins nothing
+
+
+def test_patient_folds_keep_every_patient_in_one_fold(tiny_data, tmp_path) -> None:
+    """data.group_column=patient_id: no patient is validated on by a model that trained on them (#15)."""
+    import pandas as pd
+
+    from melanoma.cli.train import train
+    from melanoma.data import load_records
+
+    from conftest import TINY, make_config
+
+    records = load_records("kaggle", tiny_data)
+    rng = np.random.default_rng(0)
+    records["patient_id"] = [f"p{i}" for i in rng.integers(0, 40, len(records))]  # ~4 images per patient
+    records.loc[records.index[::17], "patient_id"] = ""  # some unknown
+    records.to_csv(tmp_path / "m.csv", index=False)
+    metrics = train(make_config(["data=csv", f"data.manifest={tmp_path / 'm.csv'}", *TINY, "trainer.epochs=1",
+                                 "cv.folds=3", "data.group_column=patient_id"]), tmp_path / "run")
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv", keep_default_na=False)
+    assert list(folds.columns) == ["path", "label", "fold", "group", "patient_id"]
+    known = folds[folds["patient_id"] != ""]
+    assert known.groupby("patient_id")["fold"].nunique().max() == 1  # every patient in one fold
+    assert known.groupby("patient_id")["group"].nunique().max() == 1
+    assert metrics["grouped_folds"] is True and metrics["group_column"] == "patient_id"
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]

@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from sklearn.metrics import roc_auc_score
 
 from melanoma.checkpoint import load_checkpoint
 from melanoma.cli.evaluate import evaluate_run
 from melanoma.cli.predict import predict_images
+from melanoma.cli.stack import main as stack_main
+from melanoma.cli.stack import stack_run
 from melanoma.cli.train import train
 from melanoma.data import load_records
 from melanoma.errors import ConfigError, DataError
@@ -22,6 +25,7 @@ from melanoma.inference import load_ensemble, predict_paths
 from melanoma.metadata import MetadataEncoder, parse_columns
 from melanoma.optim import create_optimizer
 from melanoma.runtime import resolve_runtime
+from melanoma.stacking import fit_stacker
 from melanoma.synthetic import generate_dataset
 
 from conftest import TINY, make_config
@@ -70,13 +74,13 @@ def test_kinds_are_detected_or_declared() -> None:
 def test_manifest_columns_are_read_and_a_missing_one_is_named(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,age_approx,sex\na.jpg,0,55,female\nb.jpg,1,,\n")
-    records = load_records("csv", None, manifest=manifest, metadata=["age_approx", "sex"])
+    records = load_records("csv", None, manifest=manifest, columns=["age_approx", "sex"])
     assert records[["age_approx", "sex"]].values.tolist() == [["55", "female"], ["", ""]]
-    with pytest.raises(DataError, match=r"m.csv has no metadata column 'age' \(close: age_approx; columns: path, "
-                                        r"label, age_approx, sex\); fix data.metadata"):
-        load_records("csv", None, manifest=manifest, metadata=["age"])
-    with pytest.raises(ConfigError, match=r"data.metadata=\['age'\] needs data=csv"):
-        load_records("kaggle", tmp_path, metadata=["age"])
+    with pytest.raises(DataError, match=r"m.csv has no column 'age' \(close: age_approx; columns: path, "
+                                        r"label, age_approx, sex\); fix data.metadata or data.group_column"):
+        load_records("csv", None, manifest=manifest, columns=["age"])
+    with pytest.raises(ConfigError, match=r"data.metadata and data.group_column \(age\) need data=csv"):
+        load_records("kaggle", tmp_path, columns=["age"])
 
 
 def test_the_fused_model_keeps_timm_layer_decay_and_starts_at_one_half() -> None:
@@ -151,6 +155,14 @@ def test_eval_and_predict_read_the_metadata_columns(runs: dict[str, Path], meta_
     image_only = evaluate_run(make_config([f"ckpt={runs['none']}", "eval.n_resamples=50", "eval.num_workers=0"],
                                           "eval"), tmp_path / "eval_none")
     assert fused["n_images"] == image_only["n_images"] == 100
+    card = fused["subgroups"]  # the subgroup card: every metadata column and the estimated skin tone
+    assert {r["column"] for r in card["rows"]} == {"age_approx", "sex", "anatom_site", "skin tone"}
+    assert sum(r["n"] for r in card["rows"] if r["column"] == "sex") == 100
+    table = pd.read_csv(tmp_path / "eval" / "subgroups.csv")
+    assert len(table) == len(card["rows"]) and (tmp_path / "eval" / "subgroups.png").is_file()
+    assert "ita" in pd.read_csv(tmp_path / "eval" / "predictions.csv").columns
+    assert {r["column"] for r in image_only["subgroups"]["rows"]} == {"age_approx", "sex", "anatom_site",
+                                                                       "skin tone"}  # the run's data.metadata
     assert fused["thresholds"]["0.5"]["metrics"]["auc"]["value"] > image_only["thresholds"]["0.5"]["metrics"]["auc"][
         "value"]
     folder = meta_data / "test" / "malignant"
@@ -169,6 +181,42 @@ def test_eval_and_predict_read_the_metadata_columns(runs: dict[str, Path], meta_
     # image-only models ignore metadata
     assert len(predict_images(make_config([f"ckpt={runs['none']}", f"input={folder}", "num_workers=0"], "predict"),
                               tmp_path / "p4")) == len(table)
+
+
+def test_a_fused_run_resumes_from_its_files(runs: dict[str, Path], meta_data: Path) -> None:
+    before = json.loads((runs["concat"] / "metrics.json").read_text())
+    again = _train(meta_data, runs["concat"], "model.fusion=concat", f"resume={runs['concat']}")
+    assert again["folds"] == before["folds"] and again["oof"] == before["oof"]
+
+
+def test_stacking_beats_the_image_model_on_metadata_driven_labels(runs: dict[str, Path]) -> None:
+    metrics = stack_run(runs["none"], n_resamples=200)
+    assert metrics["oof"]["auc"] > metrics["oof_image"]["auc"] + 0.04
+    assert metrics["oof_difference"]["difference"]["ci"][0] > 0  # paired, on the same OOF images
+    assert metrics["test"]["n_images"] == 100 and metrics["test"]["difference"]["auc_b"] > metrics["test"][
+        "difference"]["auc_a"]
+    oof = pd.read_csv(runs["none"] / "stack" / "oof_predictions.csv")
+    assert list(oof.columns) == ["path", "label", "fold", "prob_image", "prob"]
+    assert oof["prob_image"].tolist() == pd.read_csv(runs["none"] / "oof_predictions.csv")["prob"].tolist()
+    assert (runs["none"] / "stack" / "test_predictions.csv").is_file()
+
+
+def test_the_stacked_oof_predictions_are_honest() -> None:
+    """Noise in, chance out: each fold's trees never fit the rows they predict (else they would memorise them)."""
+    rng = np.random.default_rng(0)
+    n = 400
+    oof = pd.DataFrame({"label": rng.integers(0, 2, n), "fold": np.arange(n) % 5, "prob": rng.random(n),
+                        "age": rng.normal(50, 10, n).round().astype(str), "site": rng.choice(["a", "b", "c"], n)})
+    stacker, stacked = fit_stacker(oof, {"age": None, "site": None})
+    assert abs(roc_auc_score(oof["label"], stacked) - 0.5) < 0.08
+    in_sample = stacker.trees[0].predict_proba(stacker.features(0, oof["prob"].to_numpy(), oof))[:, 1]
+    assert roc_auc_score(oof["label"][oof["fold"] != 0], in_sample[oof["fold"] != 0]) > 0.7  # what a leak looks like
+
+
+def test_stacking_needs_metadata(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as refused:
+        stack_main([str(tmp_path)])
+    assert refused.value.code == 2 and "holds no finished melanoma-train run" in capsys.readouterr().err
 
 
 def test_fusion_without_metadata_is_refused(meta_data: Path, tmp_path: Path) -> None:

@@ -25,13 +25,23 @@ def _div(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
 
 
+def auc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The ROC AUC of each row of ``y`` and ``p`` (shape resamples x images) at once; NaN for a one-class row.
+
+    Average ranks for ties: the Mann-Whitney form, equal to scikit-learn's ``roc_auc_score``.
+    """
+    n_pos = y.sum(1)
+    n_neg = y.shape[1] - n_pos
+    ranks = rankdata(p, axis=1)
+    return _div((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2, n_pos * n_neg)
+
+
 def _ranking(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
     """Threshold-free metrics of each row of ``y`` and ``p`` (shape resamples x images)."""
     rows, n = y.shape
     n_pos = y.sum(1)
     n_neg = n - n_pos
-    ranks = rankdata(p, axis=1)  # average ranks for ties: the Mann-Whitney form of the AUC
-    auc = _div((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2, n_pos * n_neg)
+    auc = auc_rows(y, p)
     both = (n_pos > 0) & (n_neg > 0)
     pauc = np.array([pauc_above_tpr(y[i], p[i]) if both[i] else np.nan for i in range(rows)])
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1) + n_bins * np.arange(rows)[:, None]
@@ -73,7 +83,7 @@ def stratified_resamples(labels: np.ndarray, n_resamples: int, seed: int) -> np.
     return np.concatenate(columns, axis=1)
 
 
-def _interval(point: float, samples: np.ndarray, level: float) -> dict:
+def bc_interval(point: float, samples: np.ndarray, level: float) -> dict:
     """Point estimate and its bias-corrected percentile interval.
 
     Plain percentiles fail for biased statistics such as the ECE, whose resamples mostly lie
@@ -122,7 +132,7 @@ def metrics_with_ci(labels: Sequence[int], probs: Sequence[float], thresholds: M
         point = ranking_point | _at_threshold(y[None], p[None], threshold, prevalence)
         boot = ranking_boot | _at_threshold(yb, pb, threshold, prevalence)
         out[name] = {"threshold": float(threshold),
-                     "metrics": {k: _interval(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS,
+                     "metrics": {k: bc_interval(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS,
                                                                                        *RANKING_METRICS)}}
     missing = sorted({k for block in out.values() for k, v in block["metrics"].items() if v["value"] is None})
     if missing:

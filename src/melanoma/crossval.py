@@ -119,7 +119,7 @@ class CrossValidation:
 def load_training_set(layout: str, root: str | Path | None, classes: Sequence[str], manifest: str | Path | None = None,
                       on_bad_file: str = "error", synthetic: Mapping | None = None, audit: bool = True,
                       audit_threshold: int = 14, audit_workers: int | None = None,
-                      records: pd.DataFrame | None = None, metadata: Sequence[str] = ()) -> TrainingSet:
+                      records: pd.DataFrame | None = None, columns: Sequence[str] = ()) -> TrainingSet:
     """The training split of a dataset, audited, with unreadable files handled by ``on_bad_file``.
 
     Args:
@@ -131,7 +131,8 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
         audit_threshold: pHash Hamming distance of a near duplicate.
         audit_workers: hashing processes (``None``: all cores).
         records: the dataset's records when the caller already listed them (:func:`load_records`).
-        metadata: manifest columns to keep (``data.metadata``), when ``records`` is not given.
+        columns: further manifest columns to keep (``data.metadata``, ``data.group_column``), when
+            ``records`` is not given.
 
     Raises:
         DataError: the split is missing, holds one class, or holds an unreadable file under ``error``.
@@ -140,21 +141,21 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
     if records is None:
         if synthetic:
             generate_dataset(root, **synthetic)
-        records = load_records(layout, root, classes, manifest, metadata=metadata)
+        records = load_records(layout, root, classes, manifest, columns=columns)
     train_set = split_records(records, "train", classes)  # fails early on a missing or one-class split
-    metadata = [c for c in records.columns if c not in ("path", "label", "split")]  # data.metadata columns
+    extra = [c for c in records.columns if c not in ("path", "label", "split")]  # the manifest's further columns
     if not audit:
         bad = scan_images(train_set["path"].tolist(), on_bad_file)
         train_set = train_set[~train_set["path"].isin({p for p, _ in bad})]
-        return TrainingSet(split_records(train_set, "train", classes)[["path", "label", *metadata]], bad)
+        return TrainingSet(split_records(train_set, "train", classes)[["path", "label", *extra]], bad)
     images, pairs, summary = audit_records(records, audit_threshold, workers=audit_workers, classes=classes)
     train_images = images[images["split"] == "train"]
     unreadable = train_images[train_images["error"].notna()]
     bad = handle_bad_files(list(unreadable[["path", "error"]].itertuples(index=False, name=None)), on_bad_file)
     train_set = split_records(train_images[train_images["error"].isna()], "train", classes)
     train_set = train_set[["path", "label", "group", "sha256"]]
-    if metadata:  # the audit's table holds the files' facts; the manifest's columns come back by path
-        train_set = train_set.merge(records[["path", *metadata]], on="path", how="left", validate="one_to_one")
+    if extra:  # the audit's table holds the files' facts; the manifest's columns come back by path
+        train_set = train_set.merge(records[["path", *extra]], on="path", how="left", validate="one_to_one")
     return TrainingSet(train_set, bad, pairs, summary)
 
 

@@ -74,8 +74,8 @@ def _class_folders(root: Path, classes: tuple[str, str], split: str, strict: boo
 
 
 def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
-                   metadata: Sequence[str] = ()) -> list[dict]:
-    """Records of a CSV manifest with ``path,label``, an optional ``split`` column and the ``metadata`` columns."""
+                   columns: Sequence[str] = ()) -> list[dict]:
+    """Records of a CSV manifest with ``path,label``, an optional ``split`` column and the extra ``columns``."""
     if not manifest.is_file():
         raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -83,12 +83,13 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
         if column not in table.columns:
             raise DataError(f"{manifest} has no {column!r} column (columns: {', '.join(table.columns)}); "
                             "the manifest needs path,label and optionally split")
-    for column in metadata:
+    for column in columns:
         if column not in table.columns:
             close = difflib.get_close_matches(column, list(table.columns), n=3) or [
                 c for c in table.columns if column.lower() in c.lower() or c.lower() in column.lower()][:3]
-            raise DataError(f"{manifest} has no metadata column {column!r} (close: {', '.join(close) or 'none'}; "
-                            f"columns: {', '.join(table.columns)}); fix data.metadata or add the column")
+            raise DataError(f"{manifest} has no column {column!r} (close: {', '.join(close) or 'none'}; "
+                            f"columns: {', '.join(table.columns)}); fix data.metadata or data.group_column, or add "
+                            "the column")
     base = root if root is not None else manifest.parent
     names = {c.lower(): i for i, c in enumerate(classes)} | {"0": 0, "1": 1}
     rows, first_line, repeated = [], {}, 0
@@ -102,7 +103,7 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
             raise DataError(f"{manifest}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
         path = Path(rec["path"])
         row = {"path": str(path if path.is_absolute() else base / path), "label": label, "split": split,
-               **{column: rec[column] for column in metadata}}
+               **{column: rec[column] for column in columns}}
         if row["path"] in first_line:  # one image, one row: a repeat would be trained (or tested) twice
             before = rows[first_line[row["path"]][1]]
             if before != row:
@@ -124,7 +125,7 @@ def load_records(
     classes: tuple[str, str] = ("benign", "malignant"),
     manifest: str | Path | None = None,
     strict: bool = True,
-    metadata: Sequence[str] = (),
+    columns: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Find every image of a dataset.
 
@@ -136,11 +137,12 @@ def load_records(
         classes: negative and positive class names, as folder names or manifest labels.
         manifest: the CSV file, for the ``csv`` layout.
         strict: raise on a missing or empty class folder (``False`` lets the audit report it).
-        metadata: manifest columns to keep, as text (``csv`` only; see :mod:`melanoma.metadata`).
+        columns: further manifest columns to keep, as text (``csv`` only): ``data.metadata``
+            (:mod:`melanoma.metadata`) and ``data.group_column``.
 
     Returns:
         One row per image: ``path`` (str), ``label`` (0 or 1), ``split`` (``train``/``test``), then
-        the ``metadata`` columns.
+        the extra ``columns``.
 
     Raises:
         DataError: a folder or file is missing, empty, or does not match the layout.
@@ -152,11 +154,11 @@ def load_records(
         if manifest is None:
             raise ConfigError("data=csv needs data.manifest=PATH to a CSV with path,label[,split] columns")
         rows = _read_manifest(Path(manifest).expanduser(), Path(root).expanduser() if root else None, classes,
-                              metadata)
-        return pd.DataFrame(rows, columns=["path", "label", "split", *metadata])
-    if metadata:
-        raise ConfigError(f"data.metadata={list(metadata)} needs data=csv with a manifest that holds those columns "
-                          f"(data.layout={layout} has no metadata)")
+                              columns)
+        return pd.DataFrame(rows, columns=["path", "label", "split", *columns])
+    if columns:
+        raise ConfigError(f"data.metadata and data.group_column ({', '.join(columns)}) need data=csv with a manifest "
+                          f"that holds those columns (data.layout={layout} has none)")
     if layout not in ("kaggle", "folder"):
         raise ConfigError(f"data.layout={layout!r} is not one of kaggle, folder, csv")
     if root is None or not Path(root).expanduser().is_dir():
@@ -224,7 +226,7 @@ def find_images(input_path: str | Path) -> list[str]:
 
 
 def load_eval_set(data: Mapping, split: str, split_key: str = "eval.split",
-                  metadata: Sequence[str] = ()) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+                  columns: Sequence[str] = ()) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The labelled images to score, with unreadable files handled by ``data["on_bad_file"]``.
 
     A split with a single class is returned as is: metrics that need both classes are then
@@ -236,10 +238,10 @@ def load_eval_set(data: Mapping, split: str, split_key: str = "eval.split",
         split: ``test``, ``train`` or ``all``.
         split_key: the config key that error messages name (``eval.split`` for melanoma-eval,
             ``split`` for melanoma-explain).
-        metadata: manifest columns to read too (what fused models need).
+        columns: manifest columns to read too (the metadata fused models need).
 
     Returns:
-        ``(images to score: path, label and the metadata columns, skipped (path, reason))``.
+        ``(images to score: path, label and the extra columns, skipped (path, reason))``.
 
     Raises:
         ConfigError: an unknown split.
@@ -252,7 +254,7 @@ def load_eval_set(data: Mapping, split: str, split_key: str = "eval.split",
     # strict=False: an empty class folder is a one-class split, scored with the metrics that need
     # both classes reported as unavailable, not refused
     records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False,
-                           metadata=metadata)
+                           columns=columns)
     if data["layout"] != "folder" and split != "all":
         records = records[records["split"] == split]
     if records.empty:
@@ -262,7 +264,7 @@ def load_eval_set(data: Mapping, split: str, split_key: str = "eval.split",
     records = records[~records["path"].isin({p for p, _ in bad})]
     if records.empty:
         raise DataError(f"none of the {split} images could be read")
-    return records[["path", "label", *metadata]].reset_index(drop=True), bad
+    return records[["path", "label", *columns]].reset_index(drop=True), bad
 
 
 def training_images(data: Mapping) -> pd.DataFrame:

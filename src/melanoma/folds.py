@@ -5,9 +5,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from melanoma.errors import ConfigError, DataError
+
+
+def merge_groups(*keys: Sequence) -> np.ndarray:
+    """One group id per image, joining images that share any of the keys (transitively).
+
+    E.g. the audit's duplicate groups and a patient id: a patient's lesions stay together, and so do
+    the copies of a lesion, even when a copy was filed under another patient. A missing key (empty,
+    NaN, ``None``) joins nothing.
+
+    Returns:
+        Ints ``0 .. n_groups-1``, numbered in order of first appearance.
+    """
+    n = len(keys[0])
+    rows, cols, offset = [], [], n
+    for key in keys:
+        values = pd.Series(list(key), dtype=object)
+        codes, uniques = pd.factorize(values.mask(values == ""))  # factorize codes NaN and None as -1
+        present = codes >= 0
+        rows.append(np.flatnonzero(present))
+        cols.append(codes[present] + offset)  # one graph node per distinct key value, after the images
+        offset += len(uniques)
+    edges = coo_matrix((np.ones(sum(map(len, rows))), (np.concatenate(rows), np.concatenate(cols))),
+                       shape=(offset, offset))
+    _, component = connected_components(edges, directed=False)
+    return pd.factorize(component[:n])[0]
 
 
 def make_folds(labels: Sequence[int], folds: int = 3, seed: int = 0,

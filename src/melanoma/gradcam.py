@@ -211,7 +211,7 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         data = ensemble.config["data"]
         if data["layout"] == "folder":
             log.warning("data.layout=folder has no test split: images are drawn from all of %s", data["root"])
-        records, _ = load_eval_set(data, split, split_key="split", metadata=ensemble.metadata_columns)
+        records, _ = load_eval_set(data, split, split_key="split", columns=ensemble.metadata_columns)
         chosen = select_images(records, n, seed, names, f"the {split} split of {data['root'] or data.get('manifest')}")
         source = " and ".join(f"{(chosen['label'] == k).sum()} {c}" for k, c in enumerate(names))
         source = f"{source} images of the {split} split"

@@ -45,14 +45,15 @@ def parse_columns(spec: Sequence[str]) -> dict[str, Kind | None]:
     return columns
 
 
-def _missing(values: pd.Series) -> np.ndarray:
+def is_missing(values: pd.Series) -> np.ndarray:
+    """Which values are missing: empty, NaN, or a word for unknown (see ``MISSING``)."""
     text = values.astype(str).str.strip().str.lower()
     return (text.isin(MISSING) | values.isna()).to_numpy()
 
 
 def _as_numbers(values: pd.Series) -> np.ndarray | None:
     """The values as floats (missing ones NaN), or ``None`` if some present value is not a number."""
-    missing = _missing(values)
+    missing = is_missing(values)
     numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(dtype=float)
     if np.isnan(numbers[~missing]).any():
         return None
@@ -62,7 +63,7 @@ def _as_numbers(values: pd.Series) -> np.ndarray | None:
 def _levels(values: pd.Series) -> np.ndarray:
     """Categorical values as stripped text, missing ones as ``unknown``."""
     text = values.astype(str).str.strip()
-    return np.where(_missing(values), UNKNOWN, text.to_numpy())
+    return np.where(is_missing(values), UNKNOWN, text.to_numpy())
 
 
 @dataclass
@@ -88,7 +89,7 @@ class MetadataEncoder:
         for name, kind in columns.items():
             numbers = _as_numbers(frame[name]) if kind != "categorical" else None
             if kind == "numeric" and numbers is None:
-                bad = frame[name][~_missing(frame[name])]
+                bad = frame[name][~is_missing(frame[name])]
                 bad = bad[pd.to_numeric(bad, errors="coerce").isna()]
                 raise ConfigError(f"data.metadata column {name!r} is declared numeric but holds {bad.iloc[0]!r}; "
                                   f"declare it {name}:categorical or fix the value")
@@ -126,7 +127,7 @@ class MetadataEncoder:
         parts = []
         for name, kind in self.columns.items():
             if kind == "numeric":
-                numbers = pd.to_numeric(frame[name].where(~_missing(frame[name])), errors="coerce").to_numpy(float)
+                numbers = pd.to_numeric(frame[name].where(~is_missing(frame[name])), errors="coerce").to_numpy(float)
                 missing = np.isnan(numbers)
                 mean, std = self.stats[name]
                 parts += [np.where(missing, 0.0, (numbers - mean) / std), missing.astype(float)]

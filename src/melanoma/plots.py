@@ -324,3 +324,34 @@ def plot_activation_maps(images: np.ndarray, maps: np.ndarray, titles: Sequence[
     if suptitle:
         fig.suptitle(suptitle, fontsize="medium", wrap=True)
     save_figure(fig, path, tight=False)
+
+
+def plot_subgroups(table: pd.DataFrame, overall: Mapping[str, Mapping], path: str | Path,
+                   title: str = "Subgroups") -> None:
+    """A forest plot of the subgroup card (``subgroups.csv`` and ``metrics.json``'s ``subgroups.overall``).
+
+    One row per subgroup level, one panel each for AUC, sensitivity and specificity: the point and
+    its CI, the overall value as a dashed line; flagged rows (sensitivity CI below the overall
+    sensitivity) in red, unavailable values left empty.
+    """
+    keys = ("auc", "sensitivity", "specificity")
+    labels = [f"{r.column} = {r.level}  (n {r.n}, {r.n_positive} mal.)" for r in table.itertuples()]
+    fig = Figure(figsize=(11, 1.2 + 0.32 * len(table)))
+    axes = fig.subplots(1, 3, sharey=True)
+    rows = np.arange(len(table))[::-1]
+    for ax, key in zip(axes, keys, strict=True):
+        for y, r in zip(rows, table.itertuples(), strict=True):
+            value, lo, hi = getattr(r, key), getattr(r, f"{key}_lo"), getattr(r, f"{key}_hi")
+            if pd.isna(value):
+                continue
+            colour = "tab:red" if r.flagged else "black"
+            ax.errorbar(value, y, xerr=[[value - lo], [hi - value]] if not pd.isna(lo) else None, fmt="o",
+                        color=colour, ms=4, capsize=2)
+        if overall.get(key, {}).get("value") is not None:
+            ax.axvline(overall[key]["value"], color="grey", ls="--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_title(key)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(rows, labels, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)

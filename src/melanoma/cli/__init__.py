@@ -7,6 +7,7 @@ or :mod:`melanoma.reporting`. Importing this package registers the resolvers the
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -132,6 +133,12 @@ def check_overrides(prog: str, config_name: str, argv: list[str] | None = None,
     except OmegaConfBaseException as exc:  # e.g. an interpolation ${...} in an override that does not resolve
         key = getattr(exc, "full_key", None)
         _fail(prog, f"{key + ': ' if key else ''}{str(exc).splitlines()[0]}; check the overrides")
+
+
+def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a plain (non-Hydra) command, its help the module docstring's title line and examples."""
+    usage = "\n\n".join(doc.split("\n\n")[:2]).replace("``", "")
+    return argparse.ArgumentParser(prog=prog, description=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _fail(prog: str, message: str) -> None:

@@ -17,6 +17,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from melanoma import skin_tone
 from melanoma.audit import train_duplicates
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.cli import check_overrides
@@ -24,8 +25,10 @@ from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, held_promise
 from melanoma.data import load_eval_set, training_images
 from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
-from melanoma.plots import plot_evaluation
+from melanoma.metadata import parse_columns
+from melanoma.plots import plot_evaluation, plot_subgroups
 from melanoma.runtime import resolve_runtime
+from melanoma.subgroups import card_table, report_card, subgroup_columns
 
 log = logging.getLogger("melanoma.evaluate")
 
@@ -63,7 +66,9 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
         log.warning("%s", warning)
-    eval_set, bad = load_eval_set(data, cfg.eval.split, metadata=ensemble.metadata_columns)
+    subgroup_meta = _subgroup_metadata(data) if cfg.eval.subgroups else {}
+    columns = list(dict.fromkeys([*ensemble.metadata_columns, *subgroup_meta]))
+    eval_set, bad = load_eval_set(data, cfg.eval.split, columns=columns)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
 
@@ -91,6 +96,15 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
                  "thresholds": metrics_with_ci(kept["label"], kept["prob"], thresholds, cfg.eval.prevalence,
                                                cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)}
         dedup["unavailable"] = dedup["thresholds"].pop("unavailable", {})
+    card = None
+    if cfg.eval.subgroups:
+        angles = skin_tone.estimate(predictions["path"].tolist())
+        predictions["ita"] = angles
+        groups = subgroup_columns(predictions, subgroup_meta) | {"skin tone": [skin_tone.category(a) for a in angles]}
+        card = report_card(predictions["label"].to_numpy(), predictions["prob"].to_numpy(), chosen, groups,
+                           cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)
+        card["operating_point"] = chosen_name
+        write_csv(card_table(card), out_dir / "subgroups.csv")
     write_csv(predictions, out_dir / "predictions.csv")
     metrics = {
         "ckpt": str(cfg.ckpt),
@@ -112,9 +126,14 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         "promises": held_promises(results, ensemble.oof_at_thresholds),
         "unavailable": unavailable,
         "dedup": dedup,
+        "subgroups": card,
     }
     write_json(metrics, out_dir / "metrics.json")
     plot_evaluation(out_dir, chosen, chosen_name)
+    if card is not None:
+        plot_subgroups(pd.read_csv(out_dir / "subgroups.csv"), card["overall"], out_dir / "subgroups.png",
+                       f"Subgroups at the {chosen_name} threshold {chosen:.3g}, {cfg.eval.level:.0%} CIs\n"
+                       f"{metrics['model']}, {out_dir.name}")
     print(f"\n{len(ensemble.models)}-model ensemble on {len(predictions)} images "
           f"({metrics['n_positive']} malignant), tta={cfg.eval.tta}, {cfg.eval.level:.0%} bootstrap CIs; "
           f"PPV/NPV at prevalence {cfg.eval.prevalence:g}:")
@@ -131,8 +150,37 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         print(f"\nWithout the {dedup['n_removed']} test images that have a near-duplicate in train "
               f"({dedup['n_images']} left), at the {chosen_name} threshold:")
         print(_side_by_side(results[chosen_name], dedup["thresholds"][chosen_name]))
+    if card is not None:
+        print(_card_summary(card))
     print(f"operating point: {chosen_name} = {chosen:.4f}; outputs in {out_dir}")
     return metrics
+
+
+def _subgroup_metadata(data: dict) -> dict:
+    """The run's ``data.metadata`` columns that the scored manifest holds (other layouts: none)."""
+    columns = parse_columns(data.get("metadata") or [])
+    if data.get("layout") != "csv" or not columns or not data.get("manifest"):
+        return {}
+    try:
+        header = set(pd.read_csv(Path(data["manifest"]).expanduser(), nrows=0).columns)
+    except (OSError, ValueError):
+        return {}  # load_eval_set names the problem with the manifest
+    return {name: kind for name, kind in columns.items() if name in header}
+
+
+def _card_summary(card: dict) -> str:
+    """The subgroup card in a few lines: how many levels, and every flagged one."""
+    overall = card["overall"]["sensitivity"]["value"]
+    flagged = [r for r in card["rows"] if r["flagged"]]
+    columns = sorted({r["column"] for r in card["rows"]})
+    lines = [f"\nsubgroups ({', '.join(columns)}; {len(card['rows'])} levels) in subgroups.csv and subgroups.png"]
+    for r in flagged:
+        s = r["sensitivity"]
+        lines.append(f"  FLAGGED {r['column']} = {r['level']} (n {r['n']}, {r['n_positive']} malignant): sensitivity "
+                     f"{s['value']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] lies below the overall {overall:.3f}")
+    if not flagged:
+        lines.append("  no subgroup's sensitivity CI lies wholly below the overall sensitivity")
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")

@@ -10,10 +10,10 @@ are drawn from the runs' files alone (:mod:`melanoma.reporting.pdf`, :mod:`melan
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from melanoma.checkpoint import atomic_path, write_csv
+from melanoma.cli import argument_parser
 from melanoma.errors import report_user_errors
 from melanoma.reporting.figures import write_figures
 from melanoma.reporting.pdf import write_pdf
@@ -46,9 +46,7 @@ def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Re
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``melanoma-report``."""
-    usage = "\n\n".join(__doc__.split("\n\n")[:2]).replace("``", "")  # the title line and the examples
-    parser = argparse.ArgumentParser(prog="melanoma-report", description=usage,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("melanoma-report", __doc__)
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="run, multirun or melanoma-eval directories, or folders above them")
     parser.add_argument("--out", type=Path, help="output folder (default: the PATH, when only one is given)")

@@ -102,6 +102,7 @@ DATA = {
     "num_workers": WORKERS, "prefetch_factor": integer(1) | NULL, "cache": choice("none", "memory", "disk"),
     "cache_edge": integer(16) | NULL, "cache_dir": TEXT | NULL, "on_bad_file": choice("error", "skip"),
     "synthetic": NULL | MAPPING,
+    "group_column": TEXT | NULL,
     "metadata": Rule(lambda v: isinstance(v, list | tuple) and all(isinstance(c, str) and c for c in v),
                      "a list of manifest column names (e.g. [age_approx,sex])"),
 }
@@ -134,7 +135,7 @@ AUDIT = {"enabled": FLAG, "threshold": integer(0, 143), "workers": integer(1) | 
 EVAL = {"split": choice(*DATA_SPLITS, "all"), "tta": choice(*TTAS), "threshold": THRESHOLD | NULL,
         "prevalence": number(0, 1, lo_open=True, hi_open=True), "n_resamples": integer(0), "level":
         number(0, 1, lo_open=True, hi_open=True), "seed": integer(0), "batch_size": integer(1),
-        "num_workers": WORKERS, "dedup": FLAG}
+        "num_workers": WORKERS, "dedup": FLAG, "subgroups": FLAG}
 BENCH = {"warmup": integer(1), "steps": integer(1), "timm_loader": FLAG}
 
 SCHEMAS: dict[str, dict[str, Any]] = {

@@ -42,7 +42,7 @@ from melanoma.crossval import (
 )
 from melanoma.data import load_records, resolve_num_workers, split_records
 from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, report_user_errors
-from melanoma.folds import make_folds
+from melanoma.folds import make_folds, merge_groups
 from melanoma.metadata import parse_columns
 from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model, model_data_config
@@ -105,10 +105,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if m["fusion"] != "none" and not metadata:
         raise ConfigError(f"model.fusion={m['fusion']} needs metadata columns: data=csv data.manifest=CSV "
                           "data.metadata=[age_approx,sex] (or model.fusion=none)")
+    group_column = data["group_column"]
+    columns = [*metadata, *([group_column] if group_column and group_column not in metadata else [])]
     records = None
     if not data["synthetic"]:  # the data first: a missing folder fails in seconds, before weights are fetched
         records = load_records(data["layout"], data["root"], data["classes"], data["manifest"],
-                               metadata=list(metadata))
+                               columns=columns)
         split_records(records, "train", tuple(data["classes"]))
 
     def model_factory() -> torch.nn.Module:
@@ -126,14 +128,19 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     audit = config["audit"]
     training = load_training_set(data["layout"], data["root"], data["classes"], data["manifest"], data["on_bad_file"],
                                  data["synthetic"], audit=audit["enabled"], audit_threshold=audit["threshold"],
-                                 audit_workers=audit["workers"], records=records, metadata=list(metadata))
+                                 audit_workers=audit["workers"], records=records, columns=columns)
     train_set, bad = training.records, training.skipped
     labels = train_set["label"].to_numpy()
     grouped = cfg.cv.group_duplicates and training.summary is not None
     if cfg.cv.group_duplicates and not grouped:
         log.warning("audit.enabled=false: folds are not grouped by duplicates (cv.group_duplicates ignored)")
-    fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed, train_set["group"].to_numpy() if grouped else None)
-    columns = ["path", "label", "fold"] + (["group"] if training.summary is not None else [])
+    keys = ([train_set["group"]] if grouped else []) + ([train_set[group_column]] if group_column else [])
+    if keys:  # one fold per duplicate group and per patient, joined where they overlap
+        train_set = train_set.assign(group=merge_groups(*keys))
+    fold_of = make_folds(labels, cfg.cv.folds, cfg.cv.seed, train_set["group"].to_numpy() if keys else None)
+    shown = ["group"] if "group" in train_set else []
+    shown += [group_column] if group_column else []
+    columns = ["path", "label", "fold", *dict.fromkeys(shown)]
     if main:
         write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
     if training.summary is not None and main:
@@ -172,7 +179,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         return {}
     metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],
                             n_images=int(len(train_set)), n_positive=int(labels.sum()), n_skipped=len(bad),
-                            grouped_folds=bool(grouped), skipped_files=[{"path": p, "reason": r} for p, r in bad])
+                            grouped_folds=bool(keys), group_column=group_column,
+                            skipped_files=[{"path": p, "reason": r} for p, r in bad])
     record_run(run_dir, config, preprocess.to_dict())
     plot_run(run_dir, THRESHOLD)
     at_point, threshold = metrics["oof_at_thresholds"][operating_point], metrics["thresholds"][operating_point]

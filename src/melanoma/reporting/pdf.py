@@ -11,7 +11,8 @@ Pages of ``report.pdf``, in order (a page that cannot be drawn is left out and l
 6. ROC curves of the top 5 runs, out-of-fold (solid) and test (dashed)
 7. augmentation samples of the best run's training transform
 8. activation maps of the best run that has them (``melanoma-explain``)
-9. one page per run: its overrides and resolved config
+9. the subgroup card of the best evaluated run that has one (``melanoma-eval``'s ``subgroups.csv``)
+10. one page per run: its overrides and resolved config
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sklearn.metrics import RocCurveDisplay
 
 import melanoma
 from melanoma.checkpoint import atomic_path
-from melanoma.plots import plot_confusion_matrix, plot_loss_curves, read_histories
+from melanoma.plots import plot_confusion_matrix, plot_loss_curves, plot_subgroups, read_histories
 from melanoma.reporting.figures import ACTIVATION_MAPS, FIGURE_ERRORS, augmentation_samples, describe_data
 from melanoma.reporting.runs import Run, Skipped
 from melanoma.reporting.tables import Report, display_rows, format_cell
@@ -251,6 +252,27 @@ def _activation_maps(report: Report) -> Figure | Skipped:
     return Skipped("activation maps", f"no run has {ACTIVATION_MAPS}: run melanoma-explain ckpt={report.runs[0].dir}")
 
 
+def _subgroups(report: Report) -> Figure | Skipped:
+    """The best evaluated run's subgroup card, redrawn from its evaluation's subgroups.csv and metrics.json."""
+    for run in report.runs:
+        card = run.evaluation.metrics.get("subgroups") if run.evaluation else None
+        if card and (run.evaluation.dir / "subgroups.csv").is_file():
+            table = pd.read_csv(run.evaluation.dir / "subgroups.csv")
+            flagged = [f"{r.column} = {r.level}" for r in table.itertuples() if r.flagged]
+            split = run.evaluation.metrics.get("split")
+            fig = _page(f"Subgroups of {run.label} ({run.metrics.get('model')}) on {split} images at the "
+                        f"{card.get('operating_point', '')} threshold {card['threshold']:.3g}; flagged (sensitivity "
+                        f"CI below the overall): {', '.join(flagged) or 'none'}")
+            with tempfile.TemporaryDirectory() as tmp:
+                plot_subgroups(table, card["overall"], Path(tmp) / "subgroups.png",
+                               f"{run.evaluation.dir}: AUC, sensitivity and specificity with "
+                               f"{card['bootstrap']['level']:.0%} CIs")
+                _show(fig.add_axes((0.03, 0.03, 0.94, 0.85)), Path(tmp) / "subgroups.png", "")
+            return fig
+    return Skipped("subgroup card", "no evaluated run has a subgroup card: run melanoma-eval ckpt=RUN "
+                                    "(eval.subgroups=true, the default)")
+
+
 def _config_page(run: Run) -> Figure:
     source = next((p for p in (run.dir / "config.yaml", run.dir / ".hydra" / "config.yaml") if p.is_file()), None)
     text = yaml.safe_dump(run.config, sort_keys=False) if run.config else "(no config.yaml)"
@@ -263,9 +285,9 @@ def _config_page(run: Run) -> Figure:
 
 def write_pdf(report: Report, path: Path) -> None:
     """Write ``report.pdf`` atomically; figures that cannot be drawn are added to ``report.skipped``."""
-    optional = [_heatmap(report), _roc(report), _augmentation(report), _activation_maps(report)]
+    optional = [_heatmap(report), _roc(report), _augmentation(report), _activation_maps(report), _subgroups(report)]
     report.skipped += [page for page in optional if isinstance(page, Skipped)]
-    heatmap, roc, augmentation, activations = (p if isinstance(p, Figure) else None for p in optional)
+    heatmap, roc, augmentation, activations, subgroups = (p if isinstance(p, Figure) else None for p in optional)
     skipped = [f"- {s}" for s in report.skipped] or ["nothing: every run and figure is in this report"]
     skipped_lines = [w for line in skipped for w in textwrap.wrap(line, 150, subsequent_indent="    ")]
     with atomic_path(path) as tmp, PdfPages(tmp, metadata={"Title": "melanoma report",
@@ -279,7 +301,7 @@ def write_pdf(report: Report, path: Path) -> None:
             pdf.savefig(heatmap)
         for run, (_, row) in zip(report.runs, report.table.iterrows(), strict=True):
             pdf.savefig(_run_page(run, row))  # one at a time: pages hold full-size images
-        for fig in (roc, augmentation, activations):
+        for fig in (roc, augmentation, activations, subgroups):
             if fig:
                 pdf.savefig(fig)
         for run in report.runs:
