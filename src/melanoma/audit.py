@@ -37,7 +37,11 @@ from scipy.sparse.csgraph import connected_components
 
 from melanoma.checkpoint import atomic_path
 from melanoma.data import file_digest, load_image
-from melanoma.errors import DataError
+from melanoma.embeddings import EDGE as EMBEDDING_EDGE
+from melanoma.embeddings import MODEL as EMBEDDING_MODEL
+from melanoma.embeddings import VERSION as EMBEDDING_VERSION
+from melanoma.embeddings import image_embeddings, similar_pairs
+from melanoma.errors import ConfigError, DataError, WeightsError
 
 HASH_VERSION = 1
 _GRID, _KEEP = 32, 12  # hash the lowest 12x12 DCT frequencies of a 32x32 image, DC left out
@@ -46,6 +50,9 @@ _WORDS = 3  # 143 bits packed into three uint64 words
 
 
 log = logging.getLogger("melanoma.audit")
+
+METHODS = ("phash", "embedding", "both")
+EMBEDDING_THRESHOLD = 0.92  # cosine similarity of Lite0 features; docs/audit.md says how it was chosen
 
 
 def _write_cache(path: Path, write: Callable[[Path], object]) -> None:
@@ -164,13 +171,13 @@ def near_duplicate_pairs(hashes: np.ndarray, threshold: int, chunk: int = 512) -
     return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["i", "j", "distance"])
 
 
-def _cached_pairs(shas: list[str], threshold: int, cache_dir: Path | None,
-                  search: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+def _cached_pairs(shas: list[str], threshold: float, cache_dir: Path | None,
+                  search: Callable[[], pd.DataFrame], tag: str = "pairs", column: str = "distance") -> pd.DataFrame:
     """The pair search's result for exactly these file contents in this order, cached on disk."""
     if not shas:
-        return pd.DataFrame({"i": [], "j": [], "distance": []}, dtype=int)
+        return pd.DataFrame({"i": [], "j": [], column: []}, dtype=int)
     key = hashlib.sha256(f"{HASH_VERSION}:{threshold}:{','.join(shas)}".encode()).hexdigest()[:32]
-    path = (cache_dir or default_cache()) / f"pairs-v{HASH_VERSION}-{key}.csv"
+    path = (cache_dir or default_cache()) / f"{tag}-v{HASH_VERSION}-{key}.csv"
     try:
         if path.is_file():
             return pd.read_csv(path)
@@ -181,8 +188,42 @@ def _cached_pairs(shas: list[str], threshold: int, cache_dir: Path | None,
     return pairs
 
 
+def hash_distances(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The pHash Hamming distance of the pairs (i, j) under the best of the 8 flips/rotations."""
+    if len(i) == 0:
+        return np.zeros(0, dtype=int)
+    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]  # (n, 8, bits)
+    return (bits[i, :1, :] != bits[j]).sum(-1).min(1).astype(int)
+
+
+def _embedding_pairs(paths: list[str], shas: list[str], hashes: np.ndarray, phash_pairs: pd.DataFrame,
+                     similarity: float, cache_dir: Path | None, method: str) -> tuple[pd.DataFrame, bool]:
+    """The pHash pairs joined with the pairs of similar embeddings, each with both distances."""
+    try:
+        vectors = image_embeddings(paths, shas, cache_dir or default_cache(), write=_write_cache)
+    except WeightsError as exc:
+        if method == "embedding":
+            raise
+        log.warning("audit.method=both: no embeddings (%s); near-duplicates by pHash only", exc)
+        return phash_pairs.assign(similarity=np.nan, found_by="phash"), False
+    found = _cached_pairs(shas, similarity, cache_dir, lambda: similar_pairs(vectors, similarity),
+                          tag=f"embed-pairs-{EMBEDDING_MODEL}-{EMBEDDING_EDGE}-e{EMBEDDING_VERSION}",
+                          column="similarity")
+    keys = ["i", "j"]
+    both = phash_pairs[keys].assign(by_hash=True).merge(found[keys].assign(by_embedding=True), on=keys, how="outer")
+    both = both.fillna({"by_hash": False, "by_embedding": False}).astype({"by_hash": bool, "by_embedding": bool})
+    if method == "embedding":
+        both = both[both["by_embedding"]]
+    i, j = both["i"].to_numpy(dtype=int), both["j"].to_numpy(dtype=int)
+    both = both.assign(distance=hash_distances(hashes, i, j), similarity=(vectors[i] * vectors[j]).sum(1),
+                       found_by=np.where(both["by_hash"] & both["by_embedding"], "both",
+                                         np.where(both["by_hash"], "phash", "embedding")))
+    return both.drop(columns=["by_hash", "by_embedding"]).sort_values(keys, ignore_index=True), True
+
+
 def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | None = None,
                   cache_dir: Path | None = None, classes: tuple[str, str] = ("benign", "malignant"),
+                  method: str = "phash", similarity: float = EMBEDDING_THRESHOLD,
                   ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Audit a dataset's records (``path, label, split``).
 
@@ -192,6 +233,9 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
         workers: processes for hashing.
         cache_dir: hash cache folder.
         classes: names of labels 0 and 1, for the report.
+        method: ``phash`` (hashes only), ``embedding`` (cosine similarity of pretrained features only)
+            or ``both`` (the union; without the offline Lite0 weights, pHash alone with a warning).
+        similarity: cosine similarity from which two embeddings are near-duplicates.
 
     Returns:
         ``(images, pairs, summary)``: ``images`` adds ``sha256, error, group`` (duplicate group id,
@@ -199,12 +243,19 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
         distance and whether it crosses splits or folds or carries conflicting labels;
         ``summary`` is the content of ``audit.json``.
     """
+    if method not in METHODS:
+        raise ConfigError(f"audit.method={method!r} is not one of {', '.join(METHODS)}")
     records = records.reset_index(drop=True)
     table = hash_images(records["path"].tolist(), workers, cache_dir)
     images = records.assign(sha256=table["sha256"], error=table["error"], size=table["size"], mode=table["mode"])
     ok = np.flatnonzero(table["error"].isna().to_numpy())
-    pairs = _cached_pairs(table["sha256"].iloc[ok].tolist(), threshold, cache_dir,
-                          lambda: near_duplicate_pairs(np.stack(table["hashes"].iloc[ok].to_numpy()), threshold))
+    hashes = np.stack(table["hashes"].iloc[ok].to_numpy()) if len(ok) else np.zeros((0, 8, _WORDS), np.uint64)
+    shas = table["sha256"].iloc[ok].tolist()
+    pairs = _cached_pairs(shas, threshold, cache_dir, lambda: near_duplicate_pairs(hashes, threshold))
+    embedded = False
+    if method != "phash" and len(ok):
+        pairs, embedded = _embedding_pairs(records["path"].iloc[ok].tolist(), shas, hashes, pairs, similarity,
+                                           cache_dir, method)
     if len(pairs):
         pairs[["i", "j"]] = ok[pairs[["i", "j"]].to_numpy(dtype=int)]
     n = len(images)
@@ -218,10 +269,15 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
         "label_a": a["label"], "label_b": b["label"],
         "kind": np.where(a["sha256"].to_numpy() == b["sha256"].to_numpy(), "exact", "near"),
         "distance": pairs["distance"].astype(int).to_numpy(),
+        "similarity": pairs["similarity"].to_numpy(dtype=float) if "similarity" in pairs else np.nan,
+        "found_by": pairs["found_by"].to_numpy() if "found_by" in pairs else "phash",
     })
     out["crosses_split"] = out["split_a"] != out["split_b"]
     out["label_conflict"] = out["label_a"] != out["label_b"]
     summary = _audit_summary(images, out, threshold, classes)
+    summary["embedding"] = ({"model": EMBEDDING_MODEL, "edge": EMBEDDING_EDGE, "version": EMBEDDING_VERSION,
+                             "threshold": similarity} if embedded else None)
+    summary["method"] = method if embedded or method == "phash" else "phash"
     return images, out, summary
 
 
@@ -275,7 +331,8 @@ def summary_line(summary: dict) -> str:
             f"{summary['near_duplicate_pairs']} near-duplicate pairs; {len(summary['unreadable'])} unreadable files")
 
 
-def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None) -> set[str]:
+def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None,
+                     method: str = "phash", similarity: float = EMBEDDING_THRESHOLD) -> set[str]:
     """Scored images that have an exact or near duplicate among a run's training images.
 
     Args:
@@ -283,11 +340,12 @@ def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, 
         scored: the images being evaluated (``path, label``).
         threshold: pHash Hamming distance of a near duplicate (``audit.threshold``).
         workers: hashing processes.
+        method, similarity: as :func:`audit_records`.
     """
     scored_paths = set(scored["path"])
     if train.empty:
         return set()
     both = pd.concat([train.assign(split="train"),
                       scored.assign(split="test")[~scored["path"].isin(set(train["path"]))]], ignore_index=True)
-    _, pairs, _ = audit_records(both, threshold, workers=workers)
+    _, pairs, _ = audit_records(both, threshold, workers=workers, method=method, similarity=similarity)
     return leaked_test_paths(pairs) & scored_paths

@@ -39,7 +39,8 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     if records.empty:
         raise DataError(f"the dataset at {data.root} holds no images")
     images, pairs, summary = audit_records(records, cfg.audit.threshold, workers=cfg.audit.workers,
-                                           classes=tuple(data.classes))
+                                           classes=tuple(data.classes), method=cfg.audit.method,
+                                           similarity=cfg.audit.similarity)
     train = images[(images["split"] == "train") & images["error"].isna()]
     if len(train) and train["label"].nunique() == 2 and train["label"].value_counts().min() >= cfg.cv.folds:
         folds = make_folds(train["label"].to_numpy(), cfg.cv.folds, cfg.cv.seed)
