@@ -58,7 +58,7 @@ def test_ensemble_is_the_mean_of_its_fold_models(run_dir: Path, tmp_path: Path) 
     metrics = evaluate_run(_eval_cfg(run_dir), tmp_path / "ens")
     pred = pd.read_csv(tmp_path / "ens" / "predictions.csv")
     assert list(pred.columns) == ["path", "label", "prob", "prob_fold0", "prob_fold1", "prob_fold2",
-                                  "has_train_duplicate"]
+                                  "has_train_duplicate", "ita"]
     assert len(pred) == 20 and metrics["n_images"] == 20 and metrics["n_positive"] == 10
     assert np.allclose(pred["prob"], pred[["prob_fold0", "prob_fold1", "prob_fold2"]].mean(axis=1), atol=1e-6)
     single = evaluate_run(_eval_cfg(run_dir / "fold1" / "best.pt"), tmp_path / "one")

@@ -151,6 +151,7 @@ def test_bad_arguments_name_the_key_and_the_fix(tmp_path: Path) -> None:
     assert make_config(["ckpt=x"], "explain").n == 4  # the config composes, keys as the kwargs
 
 
+@pytest.mark.slow  # two CLI processes: the slow tier
 def test_the_clis_write_only_where_they_say(run_dir: Path, tiny_data: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """melanoma-explain keeps its .hydra/ and log next to its maps; a bad path leaves no folder (#14, 11b/c)."""

@@ -39,6 +39,7 @@ def test_groups_join_images_that_share_any_key() -> None:
     # 0-1 are copies, 1-2 one patient: 0, 1, 2 together; 3 and 4 have no patient; 5-6 one patient
     assert merge_groups(duplicates, patients).tolist() == [0, 0, 0, 1, 2, 3, 3]
     assert merge_groups(patients).tolist() == [0, 1, 1, 2, 3, 4, 4]  # a missing key joins nothing
+    assert merge_groups(["NA", "unknown", "NA", "p1", "p1"]).tolist() == [0, 1, 2, 3, 3]  # nor does "NA"
 
 
 def test_patient_folds_keep_every_patient_in_one_fold(tiny_data, tmp_path) -> None:

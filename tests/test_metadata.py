@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,8 @@ def test_manifest_columns_are_read_and_a_missing_one_is_named(tmp_path: Path) ->
         load_records("csv", None, manifest=manifest, columns=["age"])
     with pytest.raises(ConfigError, match=r"data.metadata and data.group_column \(age\) need data=csv"):
         load_records("kaggle", tmp_path, columns=["age"])
+    with pytest.raises(ConfigError, match=r"the column 'group' .* has a name melanoma uses itself"):
+        load_records("csv", None, manifest=manifest, columns=["group"])
 
 
 def test_the_fused_model_keeps_timm_layer_decay_and_starts_at_one_half() -> None:
@@ -149,6 +153,7 @@ def test_a_fused_model_predicts_after_loading_as_it_validated(runs: dict[str, Pa
                       source="the.csv")
 
 
+@pytest.mark.slow  # four evaluations and three predictions: the slow tier
 def test_eval_and_predict_read_the_metadata_columns(runs: dict[str, Path], meta_data: Path, tmp_path: Path) -> None:
     fused = evaluate_run(make_config([f"ckpt={runs['concat']}", "eval.n_resamples=50", "eval.num_workers=0"], "eval"),
                          tmp_path / "eval")
@@ -163,6 +168,10 @@ def test_eval_and_predict_read_the_metadata_columns(runs: dict[str, Path], meta_
     assert "ita" in pd.read_csv(tmp_path / "eval" / "predictions.csv").columns
     assert {r["column"] for r in image_only["subgroups"]["rows"]} == {"age_approx", "sex", "anatom_site",
                                                                        "skin tone"}  # the run's data.metadata
+    other = evaluate_run(make_config([f"ckpt={runs['none']}", "data=csv", f"data.manifest={meta_data / 'manifest.csv'}",
+                                      "eval.n_resamples=50", "eval.num_workers=0", "eval.dedup=false"], "eval"),
+                         tmp_path / "eval_other")  # data=csv brings data.metadata=[]: the run's columns still count
+    assert {r["column"] for r in other["subgroups"]["rows"]} == {"age_approx", "sex", "anatom_site", "skin tone"}
     assert fused["thresholds"]["0.5"]["metrics"]["auc"]["value"] > image_only["thresholds"]["0.5"]["metrics"]["auc"][
         "value"]
     folder = meta_data / "test" / "malignant"
@@ -219,6 +228,27 @@ def test_stacking_needs_metadata(runs: dict[str, Path], tmp_path: Path, capsys: 
     assert refused.value.code == 2 and "holds no finished melanoma-train run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_fused_model_trains_with_the_batched_device_augmentation(meta_data: Path, tmp_path: Path) -> None:
+    metrics = _train(meta_data, tmp_path / "run", "model.fusion=concat", "augmentation=dermoscopy",
+                     "augmentation.on_device=true", "trainer.epochs=1", "cv.folds=2")
+    assert metrics["oof"]["auc"] is not None and len(metrics["folds"]) == 2
+
+
 def test_fusion_without_metadata_is_refused(meta_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.fusion=concat needs metadata columns: data=csv"):
         train(make_config([f"data.root={meta_data}", *TINY, "model.fusion=concat"]), tmp_path / "run")
+
+
+@pytest.mark.slow  # two torchrun processes: the slow tier
+def test_a_fused_model_trains_under_torchrun(meta_data: Path, tmp_path: Path) -> None:
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "ddp"
+    result = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "melanoma.cli.train", "data=csv",
+                             f"data.manifest={meta_data / 'manifest.csv'}", *TINY, "trainer.epochs=1", COLUMNS,
+                             "model.fusion=concat", f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1 of 2" in (run / "train.rank1.log").read_text()
+    assert len(pd.read_csv(run / "oof_predictions.csv")) == 300
+    assert load_checkpoint(run / "fold0" / "best.pt")["fusion"] == "concat"

@@ -130,7 +130,7 @@ def test_skipped_inputs_are_listed_with_the_reason(runs: Path, report) -> None:
 
 def test_pdf_has_one_page_per_section_and_two_per_run(runs: Path, report) -> None:
     pages = len(PdfReader(runs / "out" / "report.pdf").pages)
-    assert pages == FIXED_PAGES + 2 * 5  # five runs; no activation maps
+    assert pages == FIXED_PAGES + 1 + 2 * 5  # the subgroup card of the evaluated run, five runs; no activation maps
     assert sorted(p.name for p in (runs / "out").iterdir()) == ["report.pdf", "results.csv", "results.md"]
 
 
@@ -157,8 +157,8 @@ def test_a_run_directory_alone_redraws_every_figure_and_the_report(runs: Path, t
     for path in [*alone.rglob("*.pt"), *alone.rglob("*.png")]:
         path.unlink()
     report = write_report([str(alone)], tmp_path / "out", figures=tmp_path / "figures")
-    assert {s.path for s in report.skipped} == {"heat map", "activation maps", str(tmp_path / "figures" /
-                                                                                  "activation_map.png")}
+    assert {s.path for s in report.skipped} == {"heat map", "activation maps", "subgroup card",
+                                                str(tmp_path / "figures" / "activation_map.png")}
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert (table.loc[0, "lr"], table.loc[0, "batch_size"]) == (0.01, 16)  # job 1 of the sweep, from config.yaml
     for name in ("sample_augmented", "loss_curve", "roc_curve", "confusion_matrix"):

@@ -124,3 +124,26 @@ def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_data: Path, tm
     assert oof.merge(folds, on=["path", "label", "fold"]).shape[0] == 150
     assert json.loads((run / "metrics.json").read_text())["n_images"] == 150
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "decoded"]  # no stray run directories
+
+
+def test_a_run_recorded_before_keys_were_added_still_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    """Runs written before model.fusion, data.metadata, ... existed resume as they trained (checkpoint.ADDED_KEYS)."""
+    from melanoma.checkpoint import ADDED_KEYS, update_checkpoint
+    from melanoma.cli.train import train
+
+    from conftest import make_config
+
+    args = [f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2", "audit.enabled=false"]
+    run = tmp_path / "run"
+    before = train(make_config(args), run)
+
+    def older(config: dict) -> dict:
+        return {k: {kk: vv for kk, vv in v.items() if kk not in ADDED_KEYS.get(k, {})} if isinstance(v, dict) else v
+                for k, v in config.items()}
+
+    (run / "config.yaml").write_text(yaml.safe_dump(older(yaml.safe_load((run / "config.yaml").read_text()))))
+    for path in run.glob("fold*/*.pt"):
+        update_checkpoint(path, config=older(load_checkpoint(path)["config"]))
+    assert "fusion" not in load_checkpoint(run / "fold0" / "last.pt")["config"]["model"]
+    again = train(make_config([*args, f"resume={run}"]), run)
+    assert again["folds"] == before["folds"]

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,22 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, epoc
                "epoch": epoch, "metrics": metrics, **extra}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+# Keys added to the run config after runs had been written, with the value that reproduces how those
+# runs trained: a run recorded without them is compared (on resume) as if it had recorded these.
+ADDED_KEYS = {"data": {"metadata": [], "group_column": None}, "model": {"fusion": "none"},
+              "audit": {"method": "phash", "similarity": 0.92}}
+
+
+def with_added_keys(config: Mapping) -> dict:
+    """``config`` with every key of ``ADDED_KEYS`` that it lacks set to its value for older runs."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    for group, keys in ADDED_KEYS.items():
+        if isinstance(out.get(group), dict):
+            for key, value in keys.items():
+                out[group].setdefault(key, value)
+    return out
 
 
 def update_checkpoint(path: str | Path, **fields: Any) -> None:

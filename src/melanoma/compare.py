@@ -34,8 +34,9 @@ def delong(labels: Sequence[int], probs_a: Sequence[float], probs_b: Sequence[fl
     scores = np.stack([np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)])
     positives, negatives = scores[:, y == 1], scores[:, y == 0]
     m, n = positives.shape[1], negatives.shape[1]
-    if m == 0 or n == 0:
-        raise DataError("DeLong's test needs both classes among the compared images")
+    if m < 2 or n < 2:
+        raise DataError(f"DeLong's test needs at least 2 images of each class among the compared images "
+                        f"({m} malignant, {n} benign)")
     # Midranks within each class and over both give the structural components V10 and V01.
     tx, ty = rankdata(positives, axis=1), rankdata(negatives, axis=1)
     tz = rankdata(np.concatenate([positives, negatives], axis=1), axis=1)

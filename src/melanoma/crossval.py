@@ -25,7 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from melanoma.audit import audit_records
 from melanoma.cache import DecodedImages
 from melanoma.calibration import apply_temperature, fit_temperature
-from melanoma.checkpoint import CONFIG, PREPROCESS, update_checkpoint, write_csv, write_json, write_yaml
+from melanoma.checkpoint import (
+    CONFIG,
+    PREPROCESS,
+    update_checkpoint,
+    with_added_keys,
+    write_csv,
+    write_json,
+    write_yaml,
+)
 from melanoma.data import ImageDataset, handle_bad_files, load_records, make_loader, scan_images, split_records
 from melanoma.engine import fit, make_loss
 from melanoma.errors import ConfigError, DataError
@@ -118,7 +126,8 @@ class CrossValidation:
 
 def load_training_set(layout: str, root: str | Path | None, classes: Sequence[str], manifest: str | Path | None = None,
                       on_bad_file: str = "error", synthetic: Mapping | None = None, audit: bool = True,
-                      audit_threshold: int = 14, audit_workers: int | None = None,
+                      audit_threshold: int = 14, audit_workers: int | None = None, audit_method: str = "phash",
+                      audit_similarity: float = 0.92,
                       records: pd.DataFrame | None = None, columns: Sequence[str] = ()) -> TrainingSet:
     """The training split of a dataset, audited, with unreadable files handled by ``on_bad_file``.
 
@@ -130,6 +139,7 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
             duplicate ``group`` and each file's ``sha256``).
         audit_threshold: pHash Hamming distance of a near duplicate.
         audit_workers: hashing processes (``None``: all cores).
+        audit_method, audit_similarity: pHash and/or embeddings (:func:`melanoma.audit.audit_records`).
         records: the dataset's records when the caller already listed them (:func:`load_records`).
         columns: further manifest columns to keep (``data.metadata``, ``data.group_column``), when
             ``records`` is not given.
@@ -148,7 +158,8 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
         bad = scan_images(train_set["path"].tolist(), on_bad_file)
         train_set = train_set[~train_set["path"].isin({p for p, _ in bad})]
         return TrainingSet(split_records(train_set, "train", classes)[["path", "label", *extra]], bad)
-    images, pairs, summary = audit_records(records, audit_threshold, workers=audit_workers, classes=classes)
+    images, pairs, summary = audit_records(records, audit_threshold, workers=audit_workers, classes=classes,
+                                           method=audit_method, similarity=audit_similarity)
     train_images = images[images["split"] == "train"]
     unreadable = train_images[train_images["error"].notna()]
     bad = handle_bad_files(list(unreadable[["path", "error"]].itertuples(index=False, name=None)), on_bad_file)
@@ -171,8 +182,9 @@ def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: b
     """
     path = run_dir / CONFIG
     if not overwrite and path.is_file():
-        recorded = yaml.safe_load(path.read_text()) or {}
-        if {k: v for k, v in recorded.items() if k != "resume"} != {k: v for k, v in config.items() if k != "resume"}:
+        recorded = with_added_keys(yaml.safe_load(path.read_text()) or {})
+        if {k: v for k, v in recorded.items() if k != "resume"} != {k: v for k, v in with_added_keys(config).items()
+                                                                      if k != "resume"}:
             return
         check_resumed_preprocess(run_dir, preprocess)
     write_yaml(dict(config), path)
@@ -256,6 +268,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
     extra = {"preprocess": pipeline.preprocess.to_dict(), "classes": list(classes)}
     rank, world = runtime.rank, runtime.world_size
     folds, oof, temperatures = [], [], []
+    if metadata:  # each column's kind from every training row (no label is read), so all folds agree on it
+        metadata = MetadataEncoder.fit(records, metadata).columns
     for k in range(n_folds):
         tr, va = records[fold_of != k], records[fold_of == k]
         assert not set(tr["path"]) & set(va["path"]), "a validation image leaked into training"

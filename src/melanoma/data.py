@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 Layout = Literal["kaggle", "folder", "csv"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "test")
+# Columns of the records and run files: a manifest's metadata or group column may not take these names.
+RESERVED_COLUMNS = ("path", "label", "split", "fold", "group", "sha256", "error", "size", "mode", "prob")
 # Real demo sets shipped inside the package (data=demo reads isic-uda1), wherever melanoma is installed.
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
@@ -84,6 +86,9 @@ def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
             raise DataError(f"{manifest} has no {column!r} column (columns: {', '.join(table.columns)}); "
                             "the manifest needs path,label and optionally split")
     for column in columns:
+        if column in RESERVED_COLUMNS:
+            raise ConfigError(f"{manifest}: the column {column!r} (data.metadata or data.group_column) has a name "
+                              f"melanoma uses itself ({', '.join(RESERVED_COLUMNS)}); rename it in the manifest")
         if column not in table.columns:
             close = difflib.get_close_matches(column, list(table.columns), n=3) or [
                 c for c in table.columns if column.lower() in c.lower() or c.lower() in column.lower()][:3]

@@ -18,7 +18,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from melanoma.checkpoint import FORMAT_VERSION, atomic_path, load_checkpoint, save_checkpoint, write_csv
+from melanoma.checkpoint import (
+    FORMAT_VERSION,
+    atomic_path,
+    load_checkpoint,
+    save_checkpoint,
+    with_added_keys,
+    write_csv,
+)
 from melanoma.errors import ConfigError, NonFiniteLossError
 from melanoma.metrics import binary_metrics
 from melanoma.optim import per_batch
@@ -183,8 +190,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _comparable(config: dict) -> dict:
-    """The parts of a run config that must match for a resume (``resume`` itself may differ)."""
-    return {k: v for k, v in config.items() if k != "resume"}
+    """The parts of a run config that must match for a resume (``resume`` itself may differ); keys added
+    since older runs were written count with the value those runs trained with (``checkpoint.ADDED_KEYS``)."""
+    return {k: v for k, v in with_added_keys(config).items() if k != "resume"}
 
 
 _ABSENT = object()

@@ -11,6 +11,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from melanoma.errors import ConfigError, DataError
+from melanoma.metadata import is_missing
 
 
 def merge_groups(*keys: Sequence) -> np.ndarray:
@@ -18,7 +19,7 @@ def merge_groups(*keys: Sequence) -> np.ndarray:
 
     E.g. the audit's duplicate groups and a patient id: a patient's lesions stay together, and so do
     the copies of a lesion, even when a copy was filed under another patient. A missing key (empty,
-    NaN, ``None``) joins nothing.
+    NaN, ``None``, ``unknown``, ``NA``, ...: :func:`melanoma.metadata.is_missing`) joins nothing.
 
     Returns:
         Ints ``0 .. n_groups-1``, numbered in order of first appearance.
@@ -27,7 +28,7 @@ def merge_groups(*keys: Sequence) -> np.ndarray:
     rows, cols, offset = [], [], n
     for key in keys:
         values = pd.Series(list(key), dtype=object)
-        codes, uniques = pd.factorize(values.mask(values == ""))  # factorize codes NaN and None as -1
+        codes, uniques = pd.factorize(values.mask(is_missing(values)))  # factorize codes NaN and None as -1
         present = codes >= 0
         rows.append(np.flatnonzero(present))
         cols.append(codes[present] + offset)  # one graph node per distinct key value, after the images
@@ -70,8 +71,9 @@ def make_folds(labels: Sequence[int], folds: int = 3, seed: int = 0,
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     else:
         if len(set(groups)) < folds:
-            raise DataError(f"only {len(set(groups))} distinct duplicate groups for cv.folds={folds}; "
-                            "lower cv.folds or set cv.group_duplicates=false")
+            raise DataError(f"only {len(set(groups))} distinct groups (of duplicates and data.group_column) for "
+                            f"cv.folds={folds}; lower cv.folds, or set cv.group_duplicates=false or "
+                            "data.group_column=null")
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.empty(len(labels), dtype=int)
     for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):

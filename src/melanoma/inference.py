@@ -182,9 +182,13 @@ def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime,
     out = [[] for _ in models]
     temperatures = temperatures or [1.0] * len(models)
     offsets = np.cumsum([0, *(widths or [])])
+    if widths and len(widths) != len(models):
+        raise ValueError(f"widths names {len(widths)} models' metadata, for {len(models)} models")
     for images, *metadata, _ in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
         metadata = [m.to(runtime.device, non_blocking=True) for m in metadata]
+        if metadata and not widths:
+            raise ValueError("the batches carry metadata: pass widths, each model's share of its columns")
         views = tta_views(images, tta)
         for i, (model, temperature) in enumerate(zip(models, temperatures, strict=True)):
             extra = [metadata[0][:, offsets[i]:offsets[i + 1]]] if metadata else []  # this model's own encoding

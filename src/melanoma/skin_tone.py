@@ -58,7 +58,9 @@ def ita(lab: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     if not mask.any():
         return math.nan
     lightness, b = lab[0][mask].median().item(), lab[2][mask].median().item()
-    return math.degrees(math.atan2(lightness - 50.0, b))
+    if b == 0:
+        return math.copysign(90.0, lightness - 50.0)
+    return math.degrees(math.atan((lightness - 50.0) / b))
 
 
 def category(angle: float) -> str:

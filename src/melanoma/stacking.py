@@ -1,9 +1,10 @@
 """Stacking: gradient-boosted trees on a run's out-of-fold image probabilities plus the metadata.
 
 As the ISIC 2024 top teams did: a second-level model sees the image model's logit and the clinical
-metadata. It uses the run's own folds, so each fold's trees are fitted on the OOF predictions of
-the other folds only (whose image models never trained on this fold), and they predict this fold:
-the stacked out-of-fold predictions are as honest as the image model's. On new images the image
+metadata. It uses the run's own folds: each fold's trees are fitted on the OOF rows of the other
+folds only and predict this fold, so no tree sees the label of a row it predicts (the usual
+stacking scheme; the other folds' image probabilities come from models that did train on this
+fold's images, a second-order effect every stacker on OOF predictions shares). On new images the image
 probability is the fold ensemble's, and the stacked probability the mean of the fold stackers'.
 
 The trees are scikit-learn's ``HistGradientBoostingClassifier`` (no new dependency), small and
@@ -62,6 +63,7 @@ def fit_stacker(oof: pd.DataFrame, columns: Mapping[str, Kind | None], seed: int
     """
     stacked = np.empty(len(oof))
     encoders, trees = [], []
+    columns = MetadataEncoder.fit(oof, columns).columns  # each column's kind from every row, for all folds
     folds = oof["fold"].to_numpy()
     for k in range(int(folds.max()) + 1):
         train, held = oof[folds != k], folds == k

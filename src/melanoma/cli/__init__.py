@@ -19,7 +19,6 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from melanoma.cli.schema import validate
 from melanoma.data import DEMO_DATA
 from melanoma.errors import ConfigError, MelanomaError
 
@@ -111,6 +110,8 @@ def check_overrides(prog: str, config_name: str, argv: list[str] | None = None,
         preflight: called with each composed config; a :class:`MelanomaError` it raises (e.g. a ``ckpt=``
             that does not exist) is one line too, so a mistake in a path leaves no output folder behind.
     """
+    from melanoma.cli.schema import validate  # imports the modules whose choices it checks
+
     argv = sys.argv[1:] if argv is None else list(argv)
     overrides = [a for a in argv if a not in _HYDRA_FLAGS_WE_CHECK]
     if any(a.startswith("-") for a in overrides):

@@ -61,7 +61,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     """
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     ensemble = load_ensemble(cfg.ckpt, runtime)
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+    # null keys (and the empty data.metadata an override group brings) fall back to the run's own values
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v not in (None, [])}
     data = ensemble.config["data"] | overrides
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
@@ -89,7 +90,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         log.warning("no deduplicated metrics: the run's training data cannot be read (%s)", exc)
         train_images = None
     if train_images is not None:
-        leaked = train_duplicates(train_images, predictions, cfg.audit.threshold, cfg.audit.workers)
+        leaked = train_duplicates(train_images, predictions, cfg.audit.threshold, cfg.audit.workers,
+                                  cfg.audit.method, cfg.audit.similarity)
         kept = predictions[~predictions["path"].isin(leaked)]
         predictions["has_train_duplicate"] = predictions["path"].isin(leaked)
         dedup = {"n_removed": len(leaked), "n_images": int(len(kept)), "n_positive": int(kept["label"].sum()),

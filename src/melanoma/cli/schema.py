@@ -17,11 +17,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from melanoma.audit import METHODS
 from melanoma.crossval import OPERATING_POINTS
 from melanoma.data import SPLITS as DATA_SPLITS
 from melanoma.errors import ConfigError
 from melanoma.fusion import FUSIONS
 from melanoma.gradcam import SPLITS as EXPLAIN_SPLITS
+from melanoma.metadata import parse_columns
 from melanoma.optim import OPTIMIZERS, SCHEDULERS
 from melanoma.transforms import INTERPOLATIONS
 
@@ -131,7 +133,8 @@ TRAINER = {
 }
 CV = {"folds": integer(2), "seed": integer(0), "group_duplicates": FLAG, "operating_point": choice(*OPERATING_POINTS),
       "calibration": choice("temperature", "none")}
-AUDIT = {"enabled": FLAG, "threshold": integer(0, 143), "workers": integer(1) | NULL}
+AUDIT = {"enabled": FLAG, "threshold": integer(0, 143), "workers": integer(1) | NULL,
+         "method": choice(*METHODS), "similarity": number(0, 1, lo_open=True)}
 EVAL = {"split": choice(*DATA_SPLITS, "all"), "tta": choice(*TTAS), "threshold": THRESHOLD | NULL,
         "prevalence": number(0, 1, lo_open=True, hi_open=True), "n_resamples": integer(0), "level":
         number(0, 1, lo_open=True, hi_open=True), "seed": integer(0), "batch_size": integer(1),
@@ -165,7 +168,26 @@ def problems(config: Mapping[str, Any], config_name: str) -> list[str]:
     Returns:
         Sentences like ``data.batch_size='abc' must be an integer >= 1``; empty when the config is valid.
     """
-    return _walk(config, SCHEMAS[config_name], "")
+    found = _walk(config, SCHEMAS[config_name], "")
+    return found or _across_keys(config, config_name)
+
+
+def _across_keys(config: Mapping[str, Any], config_name: str) -> list[str]:
+    """Rules that tie keys of a valid config together (checked once each key is valid on its own)."""
+    found = []
+    data, model = config.get("data") or {}, config.get("model") or {}
+    if config_name == "train" and model.get("fusion", "none") != "none" and not data.get("metadata"):
+        found.append(f"model.fusion={model['fusion']} needs metadata columns: data=csv data.manifest=CSV "
+                     "data.metadata=[age_approx,sex] (or model.fusion=none)")
+    if config_name in ("train", "audit_run") and data.get("layout") not in ("csv", None) and (
+            data.get("metadata") or data.get("group_column")):
+        found.append(f"data.metadata and data.group_column need data=csv (a manifest holds the columns); "
+                     f"data.layout={data['layout']} has none")
+    try:
+        parse_columns(data.get("metadata") or [])
+    except ConfigError as exc:
+        found.append(str(exc))
+    return found
 
 
 def validate(cfg: DictConfig, config_name: str) -> None:

@@ -50,8 +50,12 @@ def stack_run(run: Path, test: bool = True, device: str = "auto", n_resamples: i
                         "(model.fusion=none is enough: stacking adds the metadata to the image model)")
     records = load_records(data["layout"], data["root"], tuple(data["classes"]), data["manifest"],
                            columns=list(columns))
-    oof = pd.read_csv(run / "oof_predictions.csv").merge(records[["path", *columns]], on="path", how="left",
-                                                          validate="one_to_one")
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    absent = sorted(set(oof["path"]) - set(records["path"]))
+    if absent:
+        raise DataError(f"{data['manifest']} no longer lists {absent[0]} ({len(absent)} of the run's {len(oof)} "
+                        "images): the data moved since training; stack where the run's data is")
+    oof = oof.merge(records[["path", *columns]], on="path", how="left", validate="one_to_one")
     stacker, stacked = fit_stacker(oof, columns, seed)
     thresholds = choose_thresholds(oof["label"], stacked)
     out = run / "stack"

@@ -101,10 +101,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
              runtime.world_size)
 
     m, data = config["model"], config["data"]
-    metadata = parse_columns(data["metadata"])
-    if m["fusion"] != "none" and not metadata:
-        raise ConfigError(f"model.fusion={m['fusion']} needs metadata columns: data=csv data.manifest=CSV "
-                          "data.metadata=[age_approx,sex] (or model.fusion=none)")
+    metadata = parse_columns(data["metadata"])  # model.fusion without metadata: refused by the schema
     group_column = data["group_column"]
     columns = [*metadata, *([group_column] if group_column and group_column not in metadata else [])]
     records = None
@@ -128,7 +125,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     audit = config["audit"]
     training = load_training_set(data["layout"], data["root"], data["classes"], data["manifest"], data["on_bad_file"],
                                  data["synthetic"], audit=audit["enabled"], audit_threshold=audit["threshold"],
-                                 audit_workers=audit["workers"], records=records, columns=columns)
+                                 audit_workers=audit["workers"], audit_method=audit["method"],
+                                 audit_similarity=audit["similarity"], records=records, columns=columns)
     train_set, bad = training.records, training.skipped
     labels = train_set["label"].to_numpy()
     grouped = cfg.cv.group_duplicates and training.summary is not None

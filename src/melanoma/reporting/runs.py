@@ -60,7 +60,8 @@ def natural_key(path: Path) -> list:
 def _candidates(root: Path):
     """Directories under ``root`` (itself included) that hold a run's or an evaluation's files."""
     for here, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".hydra" and not re.fullmatch(r"fold\d+", d)]
+        # .hydra/, fold checkpoints and melanoma-stack's own stack/ folder hold no run of their own
+        dirs[:] = [d for d in dirs if d not in (".hydra", "stack") and not re.fullmatch(r"fold\d+", d)]
         if set(_RUN_MARKERS) & set(files):
             yield Path(here)
 
