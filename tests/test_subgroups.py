@@ -95,3 +95,9 @@ def test_ages_are_binned_and_unknowns_kept() -> None:
     groups = subgroup_columns(frame, {"age_approx": None, "sex": None, "score": None})
     assert list(groups) == ["age_approx", "sex"]  # a numeric column without standard bins is left out
     assert groups["sex"].tolist()[:3] == ["male", "female", "unknown"]
+    y = np.array([0, 1] * 5)
+    levels = {"age": pd.Series(["75+", "<30", "45-59", "unknown", "30-44"] * 2),
+              "tone": pd.Series(["dark", "very light", "tan", "light", "x"] * 2)}
+    card = report_card(y, np.linspace(0, 1, 10), 0.5, levels, n_resamples=50)
+    assert [r["level"] for r in card["rows"]] == ["<30", "30-44", "45-59", "75+", "unknown",
+                                                  "very light", "light", "tan", "dark", "x"]  # natural order first

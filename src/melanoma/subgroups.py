@@ -18,16 +18,19 @@ import pandas as pd
 
 from melanoma.confidence import auc_rows, bc_interval, stratified_resamples
 from melanoma.metadata import UNKNOWN, MetadataEncoder, is_missing
+from melanoma.skin_tone import CATEGORIES
 
 AGE_BINS = (0, 30, 45, 60, 75, np.inf)
+AGE_LABELS = ("<30", "30-44", "45-59", "60-74", "75+")
+# Levels with a natural order are listed in it (ages young to old, skin tones light to dark), the rest by name.
+ORDER = {level: i for i, level in enumerate((*AGE_LABELS, *(name for name, _ in CATEGORIES)))}
 MIN_PER_CLASS = 5  # images of each class below which a subgroup's AUC is not reported
 
 
 def age_bin(values: pd.Series) -> pd.Series:
     """Age in years as the bins ``<30``, ``30-44``, ``45-59``, ``60-74``, ``75+``; missing as ``unknown``."""
     numbers = pd.to_numeric(values, errors="coerce")
-    labels = ["<30", "30-44", "45-59", "60-74", "75+"]
-    binned = pd.cut(numbers, AGE_BINS, right=False, labels=labels).astype(object)
+    binned = pd.cut(numbers, AGE_BINS, right=False, labels=list(AGE_LABELS)).astype(object)
     return binned.where(numbers.notna(), UNKNOWN)
 
 
@@ -81,7 +84,7 @@ def report_card(labels: np.ndarray, probs: np.ndarray, threshold: float, groups:
     rows = []
     for column, values in groups.items():
         values = pd.Series(values).reset_index(drop=True).astype(str)
-        for name in sorted(values.unique(), key=lambda v: (v == UNKNOWN, v)):
+        for name in sorted(values.unique(), key=lambda v: (v == UNKNOWN, ORDER.get(v, len(ORDER)), v)):
             idx = np.flatnonzero(values.to_numpy() == name)
             sub_y, sub_p = y[idx], p[idx]
             n_pos = int(sub_y.sum())
