@@ -50,6 +50,7 @@ def test_every_option_composes(group: str, option: str) -> None:
 @pytest.mark.parametrize(("config", "argv"), [
     ("eval", ["ckpt=RUN"]), ("eval", ["ckpt=RUN", "data=csv", "data.manifest=m.csv"]), ("explain", ["ckpt=RUN"]),
     ("predict", ["ckpt=RUN", "input=x.jpg"]), ("audit_run", []), ("bench", []), ("bench", ["experiment=bench_smoke"]),
+    ("export", ["ckpt=RUN"]),
 ])
 def test_every_cli_default_fits_its_schema(config: str, argv: list[str]) -> None:
     from hydra import compose, initialize_config_module
@@ -184,7 +185,7 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for group, option in OPTIONS:
         assert f"melanoma/configs/{group}/{option}.yaml" in names
-    for top in ("train", "eval", "predict", "audit_run", "explain", "bench"):
+    for top in ("train", "eval", "predict", "audit_run", "explain", "export", "bench"):
         assert f"melanoma/configs/{top}.yaml" in names
     assert "melanoma/configs/__init__.py" in names
     demo = "melanoma/demo_data/isic-uda1"
@@ -194,7 +195,8 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("command", "module"), [("train", "train"), ("eval", "evaluate"), ("predict", "predict"),
-                                               ("explain", "explain"), ("audit", "audit"), ("bench", "bench")])
+                                               ("explain", "explain"), ("export", "export"), ("audit", "audit"),
+                                               ("bench", "bench")])
 def test_help_starts_with_what_the_command_does(command: str, module: str, capsys: pytest.CaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", [f"melanoma-{command}", "--help"])  # in-process: what the console script runs

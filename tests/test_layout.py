@@ -71,5 +71,5 @@ def test_every_console_script_lives_in_cli() -> None:
         pytest.skip("not a source checkout")
     scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
     assert set(scripts) == {f"melanoma-{n}" for n in ("train", "eval", "audit", "predict", "synth", "report",
-                                                      "explain", "bench", "stack", "compare")}
+                                                      "explain", "bench", "stack", "compare", "export")}
     assert all(target.startswith("melanoma.cli.") and target.endswith(":main") for target in scripts.values())

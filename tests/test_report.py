@@ -131,7 +131,14 @@ def test_skipped_inputs_are_listed_with_the_reason(runs: Path, report) -> None:
 def test_pdf_has_one_page_per_section_and_two_per_run(runs: Path, report) -> None:
     pages = len(PdfReader(runs / "out" / "report.pdf").pages)
     assert pages == FIXED_PAGES + 1 + 2 * 5  # the subgroup card of the evaluated run, five runs; no activation maps
-    assert sorted(p.name for p in (runs / "out").iterdir()) == ["report.pdf", "results.csv", "results.md"]
+    assert sorted(p.name for p in (runs / "out").iterdir()) == ["MODEL_CARD.md", "report.pdf", "results.csv",
+                                                                 "results.md"]
+    card = (runs / "out" / "MODEL_CARD.md").read_text()  # the best run's, with its test evaluation
+    best = report.runs[0]
+    assert f"# Model card: {best.metrics['model']} ({best.dir.name})" in card
+    assert f"AUC {best.metrics['mean']['auc']:.3f} ± {best.metrics['std']['auc']:.3f}" in card
+    if best.evaluation is not None:
+        assert f"{best.evaluation.metrics['n_images']} images" in card
 
 
 def test_cli_defaults_to_the_sweep_and_embeds_activation_maps(runs: Path, capsys: pytest.CaptureFixture) -> None:

@@ -27,6 +27,7 @@ from melanoma.errors import DataError, WeightsError
 FORMAT_VERSION = 1
 CONFIG = "config.yaml"  # a run's config, every interpolation resolved when it trained
 PREPROCESS = "preprocess.json"  # how the run's models turn an image into a tensor (transforms.Preprocess)
+PROVENANCE = "provenance.json"  # the code's commit and the versions a run started with (melanoma.provenance)
 
 
 def disk_full(path: Path) -> DataError:

@@ -28,6 +28,7 @@ from melanoma.calibration import apply_temperature, fit_temperature
 from melanoma.checkpoint import (
     CONFIG,
     PREPROCESS,
+    PROVENANCE,
     update_checkpoint,
     with_added_keys,
     write_csv,
@@ -41,6 +42,7 @@ from melanoma.fusion import fuse
 from melanoma.metadata import Kind, MetadataEncoder
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.optim import OptimizerSettings, ScheduleSettings, create_optimizer, create_scheduler
+from melanoma.provenance import provenance
 from melanoma.runtime import Runtime, seed_everything
 from melanoma.synthetic import generate_dataset
 from melanoma.transforms import Pipeline
@@ -173,6 +175,9 @@ def load_training_set(layout: str, root: str | Path | None, classes: Sequence[st
 def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: bool = True) -> None:
     """Write the run's ``config.yaml`` (resolved) and ``preprocess.json``: what reports redraw figures from.
 
+    ``provenance.json`` (the code's commit and the versions, :mod:`melanoma.provenance`) is written once,
+    when the run starts: a resumed run keeps the record of the code it started with.
+
     With ``overwrite=False`` an existing ``config.yaml`` that differs (other than in ``resume``) is left as
     it is: a refused resume must not rewrite the record of the run it refused to change. Where it is the
     same, the run goes on from its files, and its recorded preprocessing must be what is resolved now.
@@ -189,6 +194,8 @@ def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: b
         check_resumed_preprocess(run_dir, preprocess)
     write_yaml(dict(config), path)
     write_json(dict(preprocess), run_dir / PREPROCESS)
+    if not (run_dir / PROVENANCE).is_file():
+        write_json(provenance(), run_dir / PROVENANCE)
 
 
 def check_resumed_preprocess(run_dir: Path, preprocess: Mapping) -> None:

@@ -30,6 +30,10 @@ class WeightsError(MelanomaError):
     """Model weights cannot be created or loaded."""
 
 
+class ExportError(MelanomaError):
+    """An exported model file does not reproduce the run's own predictions, or cannot be written."""
+
+
 class TrainingInterrupted(BaseException):
     """A termination signal arrived; a BaseException so that no ``except Exception`` swallows it."""
 

@@ -27,7 +27,7 @@ from melanoma.checkpoint import write_csv
 from melanoma.data import find_images, load_eval_set, load_image, scan_images
 from melanoma.errors import ConfigError, DataError
 from melanoma.fusion import FusionNet
-from melanoma.inference import load_ensemble, predict_probs, resolve_threshold
+from melanoma.inference import load_ensemble, predict_probs, resolve_threshold, run_dir_of
 from melanoma.plots import plot_activation_maps
 from melanoma.runtime import Runtime
 from melanoma.transforms import eval_transform
@@ -162,10 +162,7 @@ def select_images(records: pd.DataFrame, n: int, seed: int, classes: Sequence[st
 
 def default_out(ckpt: str | Path) -> Path:
     """``RUN_DIR/explain`` of the run that ``ckpt`` (a run directory or a fold's ``best.pt``) belongs to."""
-    path = Path(ckpt).expanduser()
-    if path.is_dir():
-        return path / "explain"
-    return (path.parent.parent if path.parent.name.startswith("fold") else path.parent) / "explain"
+    return run_dir_of(ckpt) / "explain"
 
 
 def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None, n: int = 4,

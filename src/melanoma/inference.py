@@ -30,6 +30,14 @@ from melanoma.transforms import eval_transform
 TTA = Literal["none", "flip", "d4"]
 
 
+def run_dir_of(ckpt: str | Path) -> Path:
+    """The training run that ``ckpt`` (a run directory or a fold's ``best.pt``) belongs to."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name.startswith("fold") else path.parent
+
+
 def find_checkpoints(ckpt: str | Path) -> list[Path]:
     """The checkpoints named by ``ckpt``: one ``.pt`` file, or every ``fold*/best.pt`` of a run.
 

@@ -285,6 +285,19 @@ def build_pipeline(preprocess: Preprocess, *, name: str = "", on_device: bool = 
                     build_transforms(preprocess.image_size, train=False, **common), device, preprocess)
 
 
+def eval_pixels(preprocess: dict) -> v2.Compose:
+    """:func:`eval_transform` up to its centre crop: the uint8 ``(3, S, S)`` pixels an exported model takes.
+
+    The float conversion and normalisation that follow in :func:`eval_transform` are inside the
+    exported graph (:mod:`melanoma.export`), so an app that resizes and crops as this does gets the
+    tensors melanoma-eval scores.
+    """
+    steps = eval_transform(preprocess).transforms
+    tail = [type(step) for step in steps[-3:]]
+    assert tail == [v2.ToDtype, v2.Normalize, v2.ToPureTensor], f"eval_transform ends with {tail}"
+    return v2.Compose([*steps[:-3], v2.ToPureTensor()])
+
+
 def eval_transform(preprocess: dict) -> v2.Compose:
     """The evaluation transform of a recorded preprocessing (a checkpoint's or ``preprocess.json``'s).
 

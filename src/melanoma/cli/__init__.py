@@ -34,14 +34,15 @@ OmegaConf.register_new_resolver("melanoma_demo_data", lambda name: str(DEMO_DATA
 OmegaConf.register_new_resolver("melanoma_run_dir", lambda resume, new: resume or new, replace=True)
 OmegaConf.register_new_resolver("melanoma_rank0_only", lambda value: value if _env_rank() == 0 else None,
                                 replace=True)
-# melanoma-explain's folder holds its maps next to its .hydra/ and explain.log: out=, else RUN_DIR/explain.
-def _explain_dir(ckpt: str, out: str | None) -> str:
-    from melanoma.gradcam import default_out  # matplotlib: only for the command that draws
+# melanoma-explain's and melanoma-export's folders hold their files next to their .hydra/ and log:
+# out=, else RUN_DIR/explain or RUN_DIR/export of the run that ckpt= names.
+def _output_dir(ckpt: str, out: str | None, name: str) -> str:
+    from melanoma.inference import run_dir_of
 
-    return str(out or default_out(ckpt))
+    return str(out or run_dir_of(ckpt) / name)
 
 
-OmegaConf.register_new_resolver("melanoma_explain_dir", _explain_dir, replace=True)
+OmegaConf.register_new_resolver("melanoma_output_dir", _output_dir, replace=True)
 OmegaConf.register_new_resolver("melanoma_rank_suffix", lambda: f".rank{_env_rank()}" if _env_rank() else "",
                                 replace=True)
 

@@ -16,12 +16,15 @@ from melanoma.checkpoint import atomic_path, write_csv
 from melanoma.cli import argument_parser
 from melanoma.errors import report_user_errors
 from melanoma.reporting.figures import write_figures
+from melanoma.reporting.model_card import NAME as CARD
+from melanoma.reporting.model_card import write_model_card
 from melanoma.reporting.pdf import write_pdf
 from melanoma.reporting.tables import Report, build_report, to_markdown
 
 
 def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Report:
-    """Collect the runs under ``paths`` and write ``results.csv``, ``results.md`` and ``report.pdf``.
+    """Collect the runs under ``paths`` and write ``results.csv``, ``results.md``, ``report.pdf`` and the best
+    run's ``MODEL_CARD.md``.
 
     Args:
         paths: run directories, sweep directories, evaluation directories or folders above them.
@@ -41,6 +44,7 @@ def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Re
     write_csv(report.table, out / "results.csv")
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(to_markdown(report))
+    write_model_card(report.runs[0], out / CARD)
     return report
 
 
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path(args.paths[0])
     report = report_user_errors("melanoma-report", write_report, args.paths, out, args.figures)
     print(to_markdown(report))
-    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.pdf'}"
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.pdf'}, {out / CARD} (of the best run)"
           + (f" and the figures in {args.figures}" if args.figures else ""))
 
 

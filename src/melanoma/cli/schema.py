@@ -21,6 +21,7 @@ from melanoma.audit import METHODS
 from melanoma.crossval import OPERATING_POINTS
 from melanoma.data import SPLITS as DATA_SPLITS
 from melanoma.errors import ConfigError
+from melanoma.export import FORMATS, TTAS
 from melanoma.fusion import FUSIONS
 from melanoma.gradcam import SPLITS as EXPLAIN_SPLITS
 from melanoma.metadata import parse_columns
@@ -28,7 +29,6 @@ from melanoma.optim import OPTIMIZERS, SCHEDULERS
 from melanoma.transforms import INTERPOLATIONS
 
 MONITORS = ("auc", "loss", "accuracy", "f1", "balanced_accuracy")
-TTAS = ("none", "flip", "d4")
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
              "audit": AUDIT},
     "predict": {"ckpt": TEXT, "input": TEXT, "threshold": THRESHOLD | NULL, "tta": choice(*TTAS),
                 "batch_size": integer(1), "num_workers": WORKERS, "metadata": TEXT | NULL, "trainer": RUNTIME},
+    "export": {"ckpt": TEXT, "format": choice(*FORMATS), "tta": choice(*TTAS), "out": TEXT | NULL,
+               "images": TEXT | NULL, "n_images": integer(2), "tolerance": number(0, lo_open=True)},
     "explain": {"ckpt": TEXT, "input": TEXT | NULL, "split": choice(*EXPLAIN_SPLITS), "n": integer(1),
                 "seed": integer(0), "threshold": THRESHOLD | NULL, "out": TEXT | NULL, "trainer": RUNTIME},
 }
