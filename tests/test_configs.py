@@ -28,8 +28,10 @@ DOCUMENTED_KEYS = ["data.root", "data.image_size", "data.batch_size", "data.num_
 
 
 def test_groups_are_the_documented_ones() -> None:
-    assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "hydra", "model",
+    assert set(GROUPS) == {"audit", "augmentation", "cv", "data", "experiment", "hparams", "hydra", "logger", "model",
                            "optimizer", "recipe", "runtime", "scheduler", "trainer"}
+    assert {o for g, o in OPTIONS if g == "logger"} == {"none", "csv", "tensorboard", "mlflow", "wandb"}
+    assert {o for g, o in OPTIONS if g == "hparams"} == {"seed_grid", "optuna"}
     assert {o for g, o in OPTIONS if g == "model"} == {"resnet34", "resnext101", "mobilenet_v2", "efficientnet_b0",
                                                       "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     assert {o for g, o in OPTIONS if g == "recipe"} == {"finetune", "seed"}

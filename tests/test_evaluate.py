@@ -196,6 +196,7 @@ def test_folds_of_two_architectures_are_not_one_ensemble(run_dir: Path, tmp_path
         load_ensemble(mixed, CPU)
 
 
+@pytest.mark.slow  # a CLI process: the slow tier (check_overrides' in-process tests cover the same lines)
 def test_eval_cli_error_is_one_line(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("melanoma-eval")
     result = subprocess.run([str(exe), f"ckpt={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'o'}"],

@@ -43,8 +43,8 @@ def _export(run_dir: Path, out: Path, *extra: str) -> dict:
     return export_run(make_config([f"ckpt={run_dir}", *extra], "export"), out)
 
 
-@pytest.mark.parametrize(("fmt", "tta"), [("onnx", "none"), ("onnx", "flip"), ("torchscript", "none"),
-                                          ("torchscript", "flip")])
+@pytest.mark.parametrize(("fmt", "tta"), [("onnx", "none"), pytest.param("onnx", "flip", marks=pytest.mark.slow),
+                                          ("torchscript", "none"), ("torchscript", "flip")])
 def test_the_export_gives_melanoma_evals_probabilities(run_dir: Path, tmp_path: Path, fmt: str, tta: str) -> None:
     description = _export(run_dir, tmp_path, f"format={fmt}", f"tta={tta}", "n_images=4")
     file = tmp_path / description["file"]
@@ -101,6 +101,7 @@ def test_model_json_and_the_card_name_the_runs_numbers(run_dir: Path, tmp_path: 
     assert f"melanoma-eval ckpt={run_dir}" in card
 
 
+@pytest.mark.slow  # a fused training and two exports: the slow tier
 def test_a_fused_run_exports_with_its_metadata_input(tmp_path: Path) -> None:
     data = generate_dataset(tmp_path / "set", n_train=60, n_test=20, size=40, seed=1, metadata=True)
     run = tmp_path / "run"

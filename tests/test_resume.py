@@ -42,6 +42,7 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # three training processes: the slow tier
 def test_sigkill_in_fold_two_then_resume_equals_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
     subprocess.run(_args(tiny_data, tmp_path / "straight", "cv.folds=2"), cwd=tmp_path, check=True,
                    capture_output=True)
@@ -60,7 +61,8 @@ def test_sigkill_in_fold_two_then_resume_equals_an_uninterrupted_run(tiny_data: 
     assert a["prob"].tolist() == b["prob"].tolist()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_process_group_stops_with_one_line(sig: signal.Signals, tiny_data: Path,
                                                            tmp_path: Path) -> None:
     """SLURM preemption, timeout and a terminal's Ctrl-C signal every process of the group, loader workers too."""
@@ -79,6 +81,7 @@ def test_a_signal_to_the_process_group_stops_with_one_line(sig: signal.Signals, 
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow  # two training processes: the slow tier
 def test_resume_with_another_config_is_refused(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     subprocess.run(_args(tiny_data, run, "trainer.epochs=1", "cv.folds=2"), cwd=tmp_path, check=True,

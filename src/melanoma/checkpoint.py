@@ -148,6 +148,16 @@ def with_added_keys(config: Mapping) -> dict:
     return out
 
 
+# Keys that may change when a run is resumed: where it resumes from, and where it is tracked.
+NOT_COMPARED = ("resume", "logger")
+
+
+def comparable(config: Mapping) -> dict:
+    """The parts of a run config that must match for a resume (:data:`NOT_COMPARED` may differ), with the keys
+    added since older runs were written counted at the value those runs trained with (:data:`ADDED_KEYS`)."""
+    return {k: v for k, v in with_added_keys(config).items() if k not in NOT_COMPARED}
+
+
 def update_checkpoint(path: str | Path, **fields: Any) -> None:
     """Add or replace plain fields of a checkpoint, atomically (e.g. thresholds chosen after CV)."""
     payload = load_checkpoint(path) | fields

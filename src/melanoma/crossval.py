@@ -29,8 +29,8 @@ from melanoma.checkpoint import (
     CONFIG,
     PREPROCESS,
     PROVENANCE,
+    comparable,
     update_checkpoint,
-    with_added_keys,
     write_csv,
     write_json,
     write_yaml,
@@ -187,9 +187,8 @@ def record_run(run_dir: Path, config: Mapping, preprocess: Mapping, overwrite: b
     """
     path = run_dir / CONFIG
     if not overwrite and path.is_file():
-        recorded = with_added_keys(yaml.safe_load(path.read_text()) or {})
-        if {k: v for k, v in recorded.items() if k != "resume"} != {k: v for k, v in with_added_keys(config).items()
-                                                                      if k != "resume"}:
+        recorded = yaml.safe_load(path.read_text()) or {}
+        if comparable(recorded) != comparable(config):
             return
         check_resumed_preprocess(run_dir, preprocess)
     write_yaml(dict(config), path)
@@ -239,7 +238,9 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
                    schedule: ScheduleSettings, train: TrainSettings, loader: LoaderSettings,
                    decoded: DecodedImages | None = None, seed: int = 0, calibrate: bool = True,
                    config: Mapping | None = None, classes: Sequence[str] = ("benign", "malignant"),
-                   metadata: Mapping[str, Kind | None] | None = None, fusion: str = "none") -> CrossValidation:
+                   metadata: Mapping[str, Kind | None] | None = None, fusion: str = "none",
+                   on_epoch: Callable[[int, dict], None] | None = None,
+                   state_extra: dict | None = None) -> CrossValidation:
     """Train one model per fold and collect its validation (out-of-fold) predictions.
 
     Fold ``k`` trains on the records whose ``fold_of`` differs from ``k`` and validates on the rest.
@@ -265,6 +266,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
             fits its :class:`~melanoma.metadata.MetadataEncoder` on its training part only and stores it
             in its checkpoints.
         fusion: ``none`` (image only) or ``concat`` (:mod:`melanoma.fusion`: the model also sees the metadata).
+        on_epoch: called with ``(fold, history row)`` after each epoch (:class:`melanoma.tracking.Trackers`).
+        state_extra: further plain values for every ``last.pt`` (the tracked runs' ids).
 
     Returns:
         The per-fold results and the OOF predictions.
@@ -309,7 +312,9 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
                      run_dir / f"fold{k}", config, train.monitor, fold=k,
                      checkpoint_extra=extra | {"metadata": encoder.to_dict() if encoder else None, "fusion": fusion},
                      skip_nonfinite=train.skip_nonfinite, device_transform=pipeline.device,
-                     clip_grad_norm=train.clip_grad_norm, ema_decay=train.ema_decay)
+                     clip_grad_norm=train.clip_grad_norm, ema_decay=train.ema_decay,
+                     on_epoch=(lambda row, k=k: on_epoch(k, row)) if on_epoch is not None else None,
+                     state_extra=state_extra)
         # Each fold model gets its own temperature, fitted on its validation fold: the ensemble then
         # averages probabilities of one scale, and the OOF thresholds hold for it.
         temperature = fit_temperature(va["label"], result.probs) if calibrate else 1.0

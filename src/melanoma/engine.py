@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from melanoma.checkpoint import (
     FORMAT_VERSION,
     atomic_path,
+    comparable,
     load_checkpoint,
     save_checkpoint,
-    with_added_keys,
     write_csv,
 )
 from melanoma.errors import ConfigError, NonFiniteLossError
@@ -189,12 +189,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _comparable(config: dict) -> dict:
-    """The parts of a run config that must match for a resume (``resume`` itself may differ); keys added
-    since older runs were written count with the value those runs trained with (``checkpoint.ADDED_KEYS``)."""
-    return {k: v for k, v in with_added_keys(config).items() if k != "resume"}
-
-
 _ABSENT = object()
 
 
@@ -212,7 +206,7 @@ def _config_changes(saved: dict, now: dict, limit: int = 3) -> str:
 
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                 train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple,
-                precision: str, ema: ModelEmaV3 | None, updates: int) -> None:
+                precision: str, ema: ModelEmaV3 | None, updates: int, extra: dict | None = None) -> None:
     """Write ``last.pt``: the state after ``epoch``, atomically, loadable with ``weights_only``."""
     score, best_epoch, metrics, probs = best
     with atomic_path(path) as tmp:
@@ -223,7 +217,7 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
             "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "history": rows,
             "best": {"score": score, "epoch": best_epoch, "metrics": metrics, "probs": torch.from_numpy(probs)},
             "rng": get_rng_state(), "loader_rng": train_loader.generator.get_state(), "precision": precision,
-        }, tmp)
+        } | (extra or {}), tmp)
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
@@ -231,7 +225,7 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
              ema: ModelEmaV3 | None) -> tuple[list[dict], tuple, int, int]:
     """Load ``last.pt`` into the training objects; returns history rows, best, next epoch, updates so far."""
     state = load_checkpoint(path)
-    saved_config, now = _comparable(state.get("config", {})), _comparable(config)
+    saved_config, now = comparable(state.get("config", {})), comparable(config)
     if saved_config != now:
         raise ConfigError(f"{path} was written by a run with another config ({_config_changes(saved_config, now)}); "
                           "resume with the same overrides, or train into a new run directory")
@@ -258,7 +252,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         loss_fn: nn.Module, runtime: Runtime, epochs: int, fold_dir: Path, config: dict,
         monitor: Monitor = "auc", fold: int = 0, checkpoint_extra: dict | None = None,
         skip_nonfinite: bool = False, device_transform: nn.Module | None = None,
-        clip_grad_norm: float | None = None, ema_decay: float | None = None) -> FoldResult:
+        clip_grad_norm: float | None = None, ema_decay: float | None = None,
+        on_epoch: Callable[[dict], None] | None = None, state_extra: dict | None = None) -> FoldResult:
     """Train one fold, keep the best epoch's weights and predictions.
 
     Writes ``fold_dir/history.csv`` after every epoch and ``fold_dir/best.pt`` whenever the
@@ -290,6 +285,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
         ema_decay: keep an exponential moving average of the weights (timm ``ModelEmaV3``, its
             decay warmed up from 0 towards this value); validation, ``best.pt`` and the returned
             predictions then use the averaged weights. ``None`` for no EMA.
+        on_epoch: called with each completed epoch's ``history.csv`` row (experiment tracking).
+        state_extra: further plain values stored in ``last.pt`` (the tracked runs' ids, for resume).
 
     Returns:
         The fold's result.
@@ -358,6 +355,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, val_
                 save_checkpoint(fold_dir / "best.pt", _unwrap(scored), config, epoch, best[2], fold=fold,
                                 ema=ema is not None, **(checkpoint_extra or {}))
             _save_state(fold_dir / "last.pt", _unwrap(model), optimizer, scheduler, scaler, train_loader, config,
-                        epoch, rows, best, runtime.precision, ema, updates)
+                        epoch, rows, best, runtime.precision, ema, updates, state_extra)
+            if on_epoch is not None:
+                on_epoch(row)
     _, best_epoch, best_metrics, best_probs = best
     return FoldResult(best_epoch, best_metrics, best_probs, pd.DataFrame(rows, columns=HISTORY_COLUMNS))

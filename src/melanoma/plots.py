@@ -355,3 +355,32 @@ def plot_subgroups(table: pd.DataFrame, overall: Mapping[str, Mapping], path: st
     axes[0].set_yticks(rows, labels, fontsize=8)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+def plot_optimization_history(trials: pd.DataFrame, path: str | Path, title: str = "Optimisation history",
+                              objective: str = "mean CV AUC") -> None:
+    """Each trial's objective in trial order, the best so far as a step line, failed trials as red crosses.
+
+    Args:
+        trials: ``trial`` (the job number), ``value`` (NaN for a failed trial) and ``state``
+            (``complete`` or ``failed``), as :func:`melanoma.reporting.search.find_search` reads them.
+    """
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    done = trials[trials["state"] == "complete"].sort_values("trial")
+    failed = trials[trials["state"] != "complete"]
+    ax.plot(done["trial"], done["value"], "o", color="C0", label=f"trial ({len(done)})")
+    if len(done):
+        best = done.set_index("trial")["value"].cummax()
+        ax.step(best.index, best.to_numpy(), where="post", **POOLED, label="best so far")
+    if len(failed):
+        low = done["value"].min() if len(done) else 0.0
+        ax.plot(failed["trial"], [low] * len(failed), "x", color="tab:red", ms=8, mew=2,
+                label=f"failed ({len(failed)})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial (job number)")
+    ax.set_ylabel(objective)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    save_figure(fig, path)

@@ -54,19 +54,41 @@ _HYDRA_FLAGS_WE_CHECK = ("-m", "--multirun")
 
 def _sweep_points(argv: list[str], multirun: bool) -> list[list[str]]:
     """Command lines that between them use every value of every swept key once (``a=1,2 b=x,y``: ``a=1 b=x``,
-    ``a=2 b=x``, ``a=1 b=y``), so a typo in any value of a sweep is found before its first job starts."""
+    ``a=2 b=x``, ``a=1 b=y``), so a typo in any value of a sweep is found before its first job starts.
+    An interval (``interval(1e-5, 1e-2)``, Optuna's search space) has no values to list: the sampler draws them,
+    and the key keeps its configured value here."""
     if not multirun:
         return [argv]
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
 
     parsed = OverridesParser.create().parse_overrides(argv)
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
+    choices = [[] if isinstance(o.value(), IntervalSweep) else
+               [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
                for o, text in zip(parsed, argv, strict=True)]
+    choices = [values for values in choices if values]
     base = [values[0] for values in choices]
     points = [base]
     for i, values in enumerate(choices):
         points += [base[:i] + [value] + base[i + 1:] for value in values[1:]]
     return points
+
+
+def _preset_multirun(argv: list[str], config_name: str) -> bool:
+    """Whether the command line, without its sweeps, selects a preset with ``hydra.mode: MULTIRUN``
+    (``hparams=seed_grid``, ``hparams=optuna``): Hydra then sweeps without ``-m``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(argv)
+    except HydraException:
+        return False  # the parse error is reported by the composition that follows
+    plain = [text for o, text in zip(parsed, argv, strict=True) if not o.is_sweep_override()]
+    if len(plain) == len(argv):
+        return False
+    with initialize_config_module("melanoma.configs", version_base="1.3"):
+        cfg = compose(config_name, overrides=plain, return_hydra_config=True)
+    return str(OmegaConf.select(cfg, "hydra.mode")).endswith("MULTIRUN")  # RunMode.MULTIRUN or its name
 
 
 def _composition_error(exc: Exception, config_name: str) -> str:
@@ -118,8 +140,9 @@ def check_overrides(prog: str, config_name: str, argv: list[str] | None = None,
     if any(a.startswith("-") for a in overrides):
         return
     try:
+        multirun = len(overrides) < len(argv) or _preset_multirun(overrides, config_name)
         with initialize_config_module("melanoma.configs", version_base="1.3"):
-            for point in _sweep_points(overrides, multirun=len(overrides) < len(argv)):
+            for point in _sweep_points(overrides, multirun=multirun):
                 cfg = compose(config_name, overrides=point)
                 for key in sorted(OmegaConf.missing_keys(cfg)):
                     _fail(prog, f"{key} is required: pass {_REQUIRED.get(key, key + '=VALUE')} (see {prog} --help)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from melanoma.checkpoint import atomic_path, write_csv
 from melanoma.cli import argument_parser
 from melanoma.errors import report_user_errors
+from melanoma.plots import plot_optimization_history
 from melanoma.reporting.figures import write_figures
 from melanoma.reporting.model_card import NAME as CARD
 from melanoma.reporting.model_card import write_model_card
@@ -45,6 +46,9 @@ def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Re
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(to_markdown(report))
     write_model_card(report.runs[0], out / CARD)
+    if report.search is not None:
+        plot_optimization_history(report.search.trials, out / "optimization_history.png",
+                                  f"Optimisation history of {report.search.dir.name} (mean CV AUC)")
     return report
 
 

@@ -139,11 +139,18 @@ EVAL = {"split": choice(*DATA_SPLITS, "all"), "tta": choice(*TTAS), "threshold":
         "prevalence": number(0, 1, lo_open=True, hi_open=True), "n_resamples": integer(0), "level":
         number(0, 1, lo_open=True, hi_open=True), "seed": integer(0), "batch_size": integer(1),
         "num_workers": WORKERS, "dedup": FLAG, "subgroups": FLAG}
+LOGGER = {  # logger=[a,b]: each chosen backend's group (melanoma.tracking)
+    "csv": {"dir": TEXT | NULL}, "tensorboard": {"log_dir": TEXT | NULL},
+    "mlflow": {"tracking_uri": TEXT, "artifact_location": TEXT | NULL, "experiment_name": TEXT, "run_name": TEXT | NULL,
+               "request_retries": integer(0), "request_timeout": number(0, lo_open=True)},
+    "wandb": {"project": TEXT, "entity": TEXT | NULL, "mode": choice("offline", "online", "disabled")},
+}
 BENCH = {"warmup": integer(1), "steps": integer(1), "timm_loader": FLAG}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "train": {"seed": integer(0), "resume": TEXT | NULL, "data": DATA, "model": MODEL, "augmentation": AUGMENTATION,
-              "optimizer": OPTIMIZER, "scheduler": SCHEDULER, "trainer": TRAINER, "cv": CV, "audit": AUDIT},
+              "optimizer": OPTIMIZER, "scheduler": SCHEDULER, "trainer": TRAINER, "cv": CV, "audit": AUDIT,
+              "logger": LOGGER},
     "audit_run": {"seed": integer(0), "data": DATA, "audit": AUDIT, "cv": CV},
     "bench": {"seed": integer(0), "bench": BENCH, "data": DATA, "model": MODEL, "augmentation": AUGMENTATION,
               "optimizer": OPTIMIZER, "trainer": TRAINER},

@@ -48,7 +48,9 @@ from melanoma.metrics import degenerate_operating_point
 from melanoma.models import create_model, model_data_config
 from melanoma.optim import OptimizerSettings, ScheduleSettings
 from melanoma.plots import plot_run
+from melanoma.provenance import git_commit
 from melanoma.runtime import RUNTIME_KEYS, broadcast, rank0_first, resolve_runtime
+from melanoma.tracking import Trackers, check_settings, tracked
 from melanoma.transforms import build_pipeline, resolve_preprocess, split_augmentation
 
 log = logging.getLogger("melanoma.train")
@@ -71,23 +73,45 @@ def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
     return frame.to_string()
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path, sweep: dict | None = None) -> dict:
     """Cross-validate the configured model and write every output into ``run_dir``.
 
-    The run directory has one owner: rank 0 holds its lock (``checkpoint.run_lock``) from start to end.
+    The run directory has one owner: rank 0 holds its lock (``checkpoint.run_lock``) from start to end,
+    and rank 0 alone tracks the run (``logger=``); ``sweep`` (``{"sweep": DIR, "job": N}`` in a Hydra
+    multirun) tags the tracked run with its sweep.
 
     Returns:
         The content of ``metrics.json`` (empty on ranks other than 0 under torchrun).
     """
     validate(cfg, "train")  # every key's type, range and choices, before anything is read or written
+    loggers = _loggers(cfg)
+    check_settings(loggers)  # a logger whose package is missing: one line
     if cfg.resume is not None and not (Path(str(cfg.resume)).expanduser() / "folds.csv").is_file():
         raise ConfigError(f"resume={cfg.resume} holds no melanoma-train run (no folds.csv); point it at the folder "
                           "of an interrupted run, or leave resume= out to start a new one")
-    with run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
-        return _train(cfg, run_dir)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        config = OmegaConf.to_container(cfg, resolve=True)
+        with tracked(loggers if main else None, run_dir, config, _tags(config, run_dir, sweep or {})) as trackers:
+            return _train(cfg, run_dir, trackers)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _loggers(cfg: DictConfig) -> dict:
+    """The ``logger`` group as plain values: one entry per chosen backend (empty for ``logger=none``)."""
+    node = cfg.get("logger")
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _tags(config: dict, run_dir: Path, sweep: dict) -> dict:
+    """What a tracked run is found by: the model, the data, the commit, the sweep and the job."""
+    data = config["data"]
+    name = f"{Path(sweep['sweep']).name}/{sweep['job']}" if sweep else run_dir.name
+    return {"model": config["model"]["name"], "data": data.get("manifest") or data.get("root"),
+            "commit": git_commit()[0], "run_dir": str(run_dir.resolve()), "run_name": name,
+            "sweep": sweep.get("sweep"), "job": sweep.get("job")}
+
+
+def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     start = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
     operating_point = str(cfg.cv.operating_point)
@@ -172,7 +196,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer=optimizer, schedule=schedule, train=settings,
         loader=LoaderSettings(data["batch_size"], data["eval_batch_size"], workers, data["prefetch_factor"]),
         decoded=decoded, seed=cfg.seed, calibrate=cfg.cv.calibration == "temperature", config=config,
-        classes=data["classes"], metadata=metadata, fusion=m["fusion"])
+        classes=data["classes"], metadata=metadata, fusion=m["fusion"], on_epoch=trackers.log_epoch,
+        state_extra={"tracking": trackers.ids} if trackers.ids else None)
     if not main:
         return {}
     metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],
@@ -190,6 +215,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     warning = degenerate_operating_point(operating_point, threshold, at_point)
     if warning:
         log.warning("%s", warning)
+    trackers.log_results(metrics)
     return metrics
 
 
@@ -206,8 +232,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     # epoch are complete (atomic writes), and resume= goes on from them.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        metrics = report_user_errors("melanoma-train", train, cfg, run_dir,
-                                     multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        sweep = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()), "job": hydra_cfg.job.num} if multirun else None
+        metrics = report_user_errors("melanoma-train", train, cfg, run_dir, sweep, multirun=multirun)
     except TrainingInterrupted as exc:
         message = f"melanoma-train: interrupted by {exc}; resume with: melanoma-train <same overrides> resume={run_dir}"
         print(message, file=sys.stderr)
@@ -225,7 +252,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point ``melanoma-train``."""
-    check_overrides("melanoma-train", "train")
+    check_overrides("melanoma-train", "train",  # a logger whose package is missing: one line, no run folder
+                    preflight=lambda cfg: check_settings(_loggers(cfg)))
     _hydra_main()
 
 

@@ -7,6 +7,7 @@ Pages of ``report.pdf``, in order (a page that cannot be drawn is left out and l
    why when that fits (else on a page of its own after the table)
 2. the results table (18 runs a page)
 4. heat maps of mean CV AUC over learning rate x batch size, one per model (needs 2 x 2 values)
+   and, for an Optuna search (``hparams=optuna``), its optimisation history
 5. one page per run: loss curves, out-of-fold confusion matrix, test confusion matrix if evaluated
 6. ROC curves of the top 5 runs, out-of-fold (solid) and test (dashed)
 7. augmentation samples of the best run's training transform
@@ -33,7 +34,13 @@ from sklearn.metrics import RocCurveDisplay
 
 import melanoma
 from melanoma.checkpoint import atomic_path
-from melanoma.plots import plot_confusion_matrix, plot_loss_curves, plot_subgroups, read_histories
+from melanoma.plots import (
+    plot_confusion_matrix,
+    plot_loss_curves,
+    plot_optimization_history,
+    plot_subgroups,
+    read_histories,
+)
 from melanoma.reporting.figures import ACTIVATION_MAPS, FIGURE_ERRORS, augmentation_samples, describe_data
 from melanoma.reporting.runs import Run, Skipped
 from melanoma.reporting.tables import Report, display_rows, format_cell
@@ -283,6 +290,19 @@ def _config_page(run: Run) -> Figure:
                       family="monospace", per_column=56)
 
 
+def _search(report: Report) -> Figure | None:
+    """The optimisation history of the search the runs are the trials of (no page when there is none)."""
+    search = report.search
+    if search is None:
+        return None
+    fig = _page(f"Optuna search: {len(search.trials)} trials in {search.dir}; best {format_cell(search.best_value)} "
+                f"with " + (", ".join(f"{k}={format_cell(v, 'g')}" for k, v in search.best_params.items()) or "none"))
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_optimization_history(search.trials, Path(tmp) / "history.png", "Optimisation history (mean CV AUC)")
+        _show(fig.add_axes((0.1, 0.05, 0.8, 0.82)), Path(tmp) / "history.png", "")
+    return fig
+
+
 def write_pdf(report: Report, path: Path) -> None:
     """Write ``report.pdf`` atomically; figures that cannot be drawn are added to ``report.skipped``."""
     optional = [_heatmap(report), _roc(report), _augmentation(report), _activation_maps(report), _subgroups(report)]
@@ -299,6 +319,8 @@ def write_pdf(report: Report, path: Path) -> None:
             pdf.savefig(_text_page("Skipped or incomplete", skipped_lines))
         if heatmap:
             pdf.savefig(heatmap)
+        if (search := _search(report)) is not None:
+            pdf.savefig(search)
         for run, (_, row) in zip(report.runs, report.table.iterrows(), strict=True):
             pdf.savefig(_run_page(run, row))  # one at a time: pages hold full-size images
         for fig in (roc, augmentation, activations, subgroups):

@@ -66,7 +66,7 @@ def _candidates(root: Path):
             yield Path(here)
 
 
-def _last_error(log: Path) -> str | None:
+def last_error(log: Path) -> str | None:
     """The last error line of a training log, without its timestamp prefix."""
     try:
         lines = log.read_text(errors="replace").splitlines()
@@ -185,7 +185,7 @@ def collect(paths: list[str | Path],
                 continue
             seen.add(d.resolve())
             if not (d / "metrics.json").is_file():
-                error = _last_error(d / "train.log")
+                error = last_error(d / "train.log")
                 skipped.append(Skipped(str(d), "no metrics.json: the run crashed or is still running"
                                        + (f"; last error in train.log: {error}" if error else "")))
                 continue

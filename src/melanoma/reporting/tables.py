@@ -21,6 +21,7 @@ import pandas as pd
 
 from melanoma.errors import DataError
 from melanoma.reporting.runs import Evaluation, Run, Skipped, collect, natural_key
+from melanoma.reporting.search import Search, find_search
 
 # Parameter columns every table has (config key -> column); others appear when they vary.
 ALWAYS = {"model.name": "model", "optimizer.lr": "lr", "data.batch_size": "batch_size"}
@@ -38,6 +39,7 @@ class Report:
     table: pd.DataFrame
     params: list[str]  # the parameter columns of the table
     skipped: list[Skipped] = field(default_factory=list)
+    search: Search | None = None  # the hyper-parameter search the runs are the trials of (hparams=optuna)
 
 
 def _number(value: object) -> float:
@@ -145,8 +147,22 @@ def to_markdown(report: Report) -> str:
                    "Test: melanoma-eval's fold ensemble at its operating point.")
     lines = ["# melanoma report", "", f"Runs from {', '.join(report.paths)}. {metric_note}", "",
              line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows), ""]
+    if report.search is not None:
+        lines += search_lines(report.search)
     lines += ["## Skipped", ""] + ([f"- {s}" for s in report.skipped] or ["nothing"]) + [""]
     return "\n".join(lines)
+
+
+def search_lines(search: Search) -> list[str]:
+    """The ``## Search`` section of ``results.md``: the best trial, the counts, every failed trial and why."""
+    trials = search.trials
+    failed = trials[trials["state"] != "complete"]
+    best = ", ".join(f"{k}={format_cell(v, 'g')}" for k, v in search.best_params.items()) or "none"
+    lines = ["## Search", "", f"Optuna search in {search.dir}: {len(trials)} trials, {len(trials) - len(failed)} "
+             f"complete, {len(failed)} failed; best value {format_cell(search.best_value)} with {best} "
+             "(optimization_results.yaml); history in optimization_history.png.", ""]
+    lines += [f"- trial {r.trial} failed: {r.reason}" for r in failed.itertuples()]
+    return lines + ([""] if len(failed) else [])
 
 
 def build_report(paths: list[str | Path]) -> Report:
@@ -165,4 +181,4 @@ def build_report(paths: list[str | Path]) -> Report:
         missing = [k for k in CV_METRICS if k not in run.metrics["mean"]]
         if missing:
             skipped.append(Skipped(str(run.dir), f"metrics.json has no {', '.join(missing)} (shown as n/a)"))
-    return Report([str(p) for p in paths], runs, table, params, skipped)
+    return Report([str(p) for p in paths], runs, table, params, skipped, find_search(paths))
