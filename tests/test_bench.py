@@ -15,6 +15,7 @@ from melanoma.errors import ConfigError
 from conftest import make_config
 
 
+@pytest.mark.slow  # a benchmark in a CLI process: the slow tier
 def test_smoke_benchmark_writes_valid_json(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("melanoma-bench")
     done = subprocess.run([str(exe), "experiment=bench_smoke", f"data.root={tmp_path / 'jpegs'}",

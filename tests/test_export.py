@@ -33,7 +33,7 @@ def run_dir(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-fold tiny run, and its melanoma-eval of the test split (with flip TTA) under it."""
     out = tmp_path_factory.mktemp("exported")
     train(make_config([f"data.root={tiny_data}", *TINY, "trainer.epochs=1"]), out)
-    for tta in ("none", "flip"):
+    for tta in ("none", "flip", "d4"):
         evaluate_run(make_config([f"ckpt={out}", "eval.n_resamples=50", "eval.num_workers=0", f"eval.tta={tta}",
                                   "eval.dedup=false", "eval.subgroups=false"], "eval"), out / f"eval_{tta}")
     return out
@@ -44,7 +44,7 @@ def _export(run_dir: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize(("fmt", "tta"), [("onnx", "none"), pytest.param("onnx", "flip", marks=pytest.mark.slow),
-                                          ("torchscript", "none"), ("torchscript", "flip")])
+                                          ("torchscript", "none"), ("torchscript", "flip"), ("torchscript", "d4")])
 def test_the_export_gives_melanoma_evals_probabilities(run_dir: Path, tmp_path: Path, fmt: str, tta: str) -> None:
     description = _export(run_dir, tmp_path, f"format={fmt}", f"tta={tta}", "n_images=4")
     file = tmp_path / description["file"]
@@ -88,8 +88,9 @@ def test_model_json_and_the_card_name_the_runs_numbers(run_dir: Path, tmp_path: 
     at = metrics["oof_at_thresholds"]["sens95"]
     assert (f"| sens95 (recommended) | {metrics['thresholds']['sens95']:.4g} | {at['sensitivity']:.3f} | "
             f"{at['specificity']:.3f} |") in card
-    # the newest test evaluation under the run is the card's (eval_flip, written last)
-    evaluation = json.loads((run_dir / "eval_flip" / "metrics.json").read_text())
+    # the newest test evaluation under the run is the card's (eval_d4, written last), and its TTA is named
+    evaluation = json.loads((run_dir / "eval_d4" / "metrics.json").read_text())
+    assert "the test numbers below are melanoma-eval's with TTA d4, not none" in card
     auc = evaluation["thresholds"]["sens95"]["metrics"]["auc"]
     assert f"Test AUC {auc['value']:.3f} [{auc['ci'][0]:.3f}, {auc['ci'][1]:.3f}]" in card
     sens = evaluation["thresholds"]["sens95"]["metrics"]["sensitivity"]

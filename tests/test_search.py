@@ -20,6 +20,8 @@ from melanoma.reporting.tables import build_report, to_markdown
 
 from conftest import make_config
 
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the optuna extra: scripts/setup.sh dev installs it
+
 
 def test_the_preset_is_a_seeded_tpe_search_over_the_recipe() -> None:
     from hydra import compose, initialize_config_module
@@ -38,10 +40,17 @@ def test_the_preset_is_a_seeded_tpe_search_over_the_recipe() -> None:
 def test_search_values_are_checked_without_dash_m(capsys: pytest.CaptureFixture) -> None:
     check_overrides("melanoma-train", "train", ["hparams=optuna", "optimizer.lr=tag(log, interval(1e-5, 1e-2))",
                                                 "data.batch_size=choice(16,32)"])  # the preset sweeps: no -m needed
+    check_overrides("melanoma-train", "train", ["hparams=optuna", "data.batch_size=interval(16, 64)"])  # int ends
     check_overrides("melanoma-train", "train", ["hparams=seed_grid", "optimizer.lr=0.1,0.01"])
-    with pytest.raises(SystemExit) as refused:
-        check_overrides("melanoma-train", "train", ["hparams=optuna", "data.batch_size=choice(16,abc)"])
-    assert refused.value.code == 2 and "data.batch_size='abc' must be an integer >= 1" in capsys.readouterr().err
+    for argv, message in [(["hparams=optuna", "data.batch_size=choice(16,abc)"],
+                           "data.batch_size='abc' must be an integer >= 1"),
+                          (["hparams=optuna", "optimzer.lr=interval(1e-5, 1e-2)"], "optimzer"),
+                          (["hparams=optuna", "optimizer.lr=interval(-1, 1e-2)"], "optimizer.lr=-1 must be a number"),
+                          (["hparams=optuna", "data.batch_size=interval(0, 64)"], "data.batch_size=0 must be")]:
+        with pytest.raises(SystemExit) as refused:
+            check_overrides("melanoma-train", "train", argv)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and message in err, err
 
 
 def _trial(sweep: Path, job: int, auc: float | None) -> None:
@@ -71,6 +80,14 @@ def test_a_sweep_folder_reads_back_as_a_search(tmp_path: Path) -> None:
     assert "4 trials, 3 complete, 1 failed; best value 0.7200 with optimizer.lr=0.002" in markdown
     assert "- trial 1 failed: fold 0, epoch 1: training diverged" in markdown
     assert make_config(["hparams=optuna"]).optimizer.lr  # the preset leaves the base config intact
+
+
+def test_the_objective_is_higher_is_better_for_every_monitor() -> None:
+    from melanoma.metrics import objective
+
+    metrics = {"mean": {"auc": 0.8, "f1": None}, "folds": [{"loss": 0.5}, {"loss": 0.7}, {"loss": None}]}
+    assert objective(metrics, "auc") == 0.8 and objective(metrics, "f1") is None
+    assert objective(metrics, "loss") == pytest.approx(-0.6)  # Optuna maximises: minus the mean loss
 
 
 @pytest.mark.slow  # three trainings and a report in subprocesses: the slow tier

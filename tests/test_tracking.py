@@ -162,6 +162,39 @@ def test_an_unreachable_server_or_a_failing_backend_is_one_warning(tiny_data: Pa
     assert not (tmp_path / "run" / "tracking.json").exists()  # no run was opened
 
 
+def test_a_server_that_never_answers_costs_the_timeout_not_minutes(tiny_data: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A listening socket that never replies: MLflow's request times out once, tracking is off, training goes on."""
+    pytest.importorskip("mlflow")
+    import os
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # connections complete in the backlog; nothing is ever read or sent
+        start = time.perf_counter()
+        with caplog.at_level(logging.WARNING, logger="melanoma.tracking"):
+            train(make_config([f"data.root={tiny_data}", *ARGS, "logger=mlflow", "logger.mlflow.request_retries=0",
+                               "logger.mlflow.request_timeout=2",
+                               f"logger.mlflow.tracking_uri=http://127.0.0.1:{server.getsockname()[1]}"]), tmp_path)
+        elapsed = time.perf_counter() - start
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "melanoma.tracking"]
+    assert warning.startswith("logger=mlflow failed at start") and (tmp_path / "metrics.json").is_file()
+    assert elapsed < 60, elapsed  # MLflow's defaults (7 retries with backoff, 120 s timeouts) would take minutes
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # the run's settings do not outlive it
+
+
+def test_only_rank_0_tracks(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets on the second process
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # no process group: the run itself goes through alone
+    train(make_config([f"data.root={tiny_data}", *ARGS, "logger=csv"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "csv").exists() and not (tmp_path / "run" / "tracking.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    train(make_config([f"data.root={tiny_data}", *ARGS, "logger=csv"]), tmp_path / "run0")
+    assert (tmp_path / "run0" / "csv" / "metrics.csv").is_file()  # the same run on rank 0 is tracked
+
+
 def test_wandb_runs_offline_with_the_config_and_the_summary(tiny_data: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")

@@ -201,6 +201,7 @@ def test_divergence_stops_the_fold_with_the_way_out(tiny_data: Path, tmp_path: P
         _train(tiny_data, tmp_path, "optimizer=sgd", "optimizer.lr=1e8")
 
 
+@pytest.mark.slow  # a 4-point sweep in a CLI process: the slow tier
 def test_a_sweep_records_each_point_and_goes_on_past_failing_and_diverging_ones(tiny_data: Path,
                                                                               tmp_path: Path) -> None:
     # 2 x 2 points: a missing data root fails at once, lr 1e8 diverges, only (tiny_data, 0.01) trains

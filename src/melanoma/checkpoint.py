@@ -158,6 +158,21 @@ def comparable(config: Mapping) -> dict:
     return {k: v for k, v in with_added_keys(config).items() if k not in NOT_COMPARED}
 
 
+_ABSENT = object()
+
+
+def config_changes(saved: dict, now: dict, limit: int = 3) -> str:
+    """The first keys whose values differ, as ``key: saved -> now``; ``(absent)`` for missing keys."""
+    before, after = (pd.json_normalize(c, sep=".").to_dict("records")[0] for c in (saved, now))
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
+
+    def show(value: object) -> str:
+        return "(absent)" if value is _ABSENT else repr(value)
+
+    shown = [f"{k}: {show(before.get(k, _ABSENT))} -> {show(after.get(k, _ABSENT))}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "") or "empty sections"
+
+
 def update_checkpoint(path: str | Path, **fields: Any) -> None:
     """Add or replace plain fields of a checkpoint, atomically (e.g. thresholds chosen after CV)."""
     payload = load_checkpoint(path) | fields

@@ -22,6 +22,7 @@ from melanoma.checkpoint import (
     FORMAT_VERSION,
     atomic_path,
     comparable,
+    config_changes,
     load_checkpoint,
     save_checkpoint,
     write_csv,
@@ -189,21 +190,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-_ABSENT = object()
-
-
-def _config_changes(saved: dict, now: dict, limit: int = 3) -> str:
-    """The first keys whose values differ, as ``key: saved -> now``; ``(absent)`` for missing keys."""
-    before, after = (pd.json_normalize(c, sep=".").to_dict("records")[0] for c in (saved, now))
-    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
-
-    def show(value: object) -> str:
-        return "(absent)" if value is _ABSENT else repr(value)
-
-    shown = [f"{k}: {show(before.get(k, _ABSENT))} -> {show(after.get(k, _ABSENT))}" for k in keys[:limit]]
-    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "") or "empty sections"
-
-
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                 train_loader: DataLoader, config: dict, epoch: int, rows: list[dict], best: tuple,
                 precision: str, ema: ModelEmaV3 | None, updates: int, extra: dict | None = None) -> None:
@@ -227,7 +213,7 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     state = load_checkpoint(path)
     saved_config, now = comparable(state.get("config", {})), comparable(config)
     if saved_config != now:
-        raise ConfigError(f"{path} was written by a run with another config ({_config_changes(saved_config, now)}); "
+        raise ConfigError(f"{path} was written by a run with another config ({config_changes(saved_config, now)}); "
                           "resume with the same overrides, or train into a new run directory")
     saved = state.get("precision", precision)  # precision=auto resolves per machine: the scaler state must fit
     if saved != precision:

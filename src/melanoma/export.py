@@ -18,6 +18,7 @@ melanoma-eval scores with) on real images within a tolerance, at batch sizes 1 a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Sequence
@@ -165,11 +166,17 @@ def run_exported(path: str | Path, fmt: str, images: torch.Tensor, metadata: np.
         return module(*args).numpy()
 
 
+MAX_ONNX_BYTES = 1_800_000_000  # one protobuf file holds at most 2 GB
+
+
 def _require(fmt: str) -> None:
     """The packages an ONNX export needs, or one line naming the extra that brings them."""
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "onnx":
+        if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+            raise ConfigError(f"format=onnx needs torch >= 2.5 (its torch.export-based exporter); this is torch "
+                              f"{torch.__version__}: upgrade torch, or use format=torchscript")
         for module in ("onnx", "onnxruntime", "onnxscript"):
             try:
                 __import__(module)
@@ -203,16 +210,26 @@ def export_ensemble(ensemble: Ensemble, path: str | Path, fmt: Format, images: t
     if len(images) < 2:
         raise ValueError("check the export on at least 2 images: batch size 1 and N are both run")
     graph = build_graph(ensemble, tta)
+    size = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
+    if fmt == "onnx" and size > MAX_ONNX_BYTES:
+        raise ExportError(f"the {len(ensemble.models)} models hold {size / 1e9:.1f} GB of weights, more than one ONNX "
+                          "file holds (2 GB); export fewer folds (ckpt=RUN/foldK/best.pt) or use format=torchscript")
     inputs = _inputs(graph, images[:2], None if metadata is None else metadata[:2])
     path = Path(path)
     with atomic_path(path) as tmp:
-        _write(graph, inputs, fmt, tmp)
-        if fmt == "onnx":
-            import onnx
+        try:
+            _write(graph, inputs, fmt, tmp)
+            if fmt == "onnx":
+                import onnx
 
-            onnx.checker.check_model(str(tmp), full_check=True)
-        probs = run_exported(tmp, fmt, images, metadata)
-        one = run_exported(tmp, fmt, images[:1], None if metadata is None else metadata[:1])
+                onnx.checker.check_model(str(tmp), full_check=True)
+            probs = run_exported(tmp, fmt, images, metadata)
+            one = run_exported(tmp, fmt, images[:1], None if metadata is None else metadata[:1])
+        except Exception as exc:  # the exporter's or the runtime's own failure, as one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportError(f"the {fmt} export of {ensemble.config['model']['name']} failed ({type(exc).__name__}: "
+                              f"{first}); nothing was written. Try format="
+                              f"{'torchscript' if fmt == 'onnx' else 'onnx'}") from exc
         diff = float(np.abs(probs - reference).max()) if probs.shape == reference.shape else float("inf")
         diff_one = float(np.abs(one - reference[:1]).max()) if one.shape == (1,) else float("inf")
         if not max(diff, diff_one) <= tolerance:

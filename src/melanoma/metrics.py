@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import (
@@ -63,6 +63,21 @@ def summarize(per_fold: Sequence[dict], keys: Sequence[str] = METRICS) -> tuple[
         mean[key] = float(np.mean(values)) if values else None
         std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)
     return mean, std
+
+
+def objective(metrics: Mapping, monitor: str = "auc") -> float | None:
+    """What a run returns to a sweeper that maximises (Optuna): the mean over folds of the monitored validation
+    metric at each fold's best epoch, negated for ``loss`` so that higher is better; ``None`` when undefined.
+
+    Args:
+        metrics: a training run's ``metrics.json``.
+        monitor: ``trainer.monitor``.
+    """
+    if monitor == "loss":
+        losses = [f["loss"] for f in metrics.get("folds") or [] if f.get("loss") is not None]
+        return -float(np.mean(losses)) if losses else None
+    value = (metrics.get("mean") or {}).get(monitor)
+    return None if value is None else float(value)
 
 
 def choose_thresholds(labels: Sequence[int], probs: Sequence[float], min_sensitivity: float = 0.95) -> dict:

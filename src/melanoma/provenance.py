@@ -20,11 +20,16 @@ PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "scikit-learn", "numpy
 def git_commit(where: str | Path | None = None) -> tuple[str | None, bool | None]:
     """The commit checked out where the package's code lives, and whether the tree has changes.
 
+    Only a checkout that tracks this very file counts: an installed copy inside some other repository
+    (a virtual environment in a project's folder) has no commit of its own.
+
     Returns:
         ``(sha, dirty)``, or ``(None, None)`` for an install that is not a git checkout (or no git).
     """
     where = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
+        subprocess.run(["git", "-C", str(where), "ls-files", "--error-unmatch", Path(__file__).name],
+                       capture_output=True, timeout=10, check=True)
         sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],

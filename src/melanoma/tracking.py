@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from melanoma.checkpoint import atomic_path, load_checkpoint
-from melanoma.errors import ConfigError, TrainingInterrupted
+from melanoma.errors import ConfigError, MelanomaError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,13 @@ class _MLflow(_Backend):
         self.settings = dict(settings)
 
     def start(self, run_dir: Path, params: dict, tags: dict, run_id: str | None) -> str | None:
-        # A server that is down should cost seconds, not MLflow's default of 7 retries with backoff.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.settings.get("request_retries", 1)))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.settings.get("request_timeout", 10)))
+        # A server that is down should cost seconds, not MLflow's default of 7 retries with backoff. MLflow reads
+        # these at each request; values the user exported win, ours are undone when the run closes.
+        self.environ = {}
+        for name, key, default in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "request_retries", 1),
+                                   ("MLFLOW_HTTP_REQUEST_TIMEOUT", "request_timeout", 10)):
+            if name not in os.environ:
+                self.environ[name] = os.environ[name] = str(self.settings.get(key, default))
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -217,23 +221,35 @@ class _MLflow(_Backend):
             uri = f"sqlite:///{db}"
         # Parallel sweep jobs (hydra/launcher=parallel) would race to create a new SQLite store's tables and the
         # experiment: one job at a time opens its run (an advisory lock; on a cluster, use a tracking server).
-        with _locked(Path(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else None):
-            self.client = MlflowClient(tracking_uri=uri)
-            self._open(params, tags, run_id)
         self.tracking_uri = uri
+        try:
+            with _locked(Path(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else None):
+                self.client = MlflowClient(tracking_uri=uri)
+                self._open(params, tags, run_id)
+        except BaseException:
+            self._restore_environment()  # the backend is dropped: close() will not run
+            raise
         return self.run_id
 
+    def _restore_environment(self) -> None:
+        for name in self.environ:
+            os.environ.pop(name, None)
+
     def _open(self, params: dict, tags: dict, run_id: str | None) -> None:
-        if run_id is not None:
+        if run_id is not None and self._exists(run_id):
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-        else:
+        else:  # a new run; a resumed one whose run is not in this store says which it continues
+            if run_id is not None:
+                tags = tags | {"resumed_from": run_id}
             name = str(self.settings.get("experiment_name") or "melanoma")
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
                 location = self.settings.get("artifact_location")
-                location = Path(location).expanduser().resolve().as_uri() if location and "://" not in str(
-                    location) else location
+                if not self.tracking_uri.startswith(("sqlite:", "file:", "/")):
+                    location = None  # a server keeps its experiments' files where it is configured to
+                elif location and "://" not in str(location):
+                    location = Path(location).expanduser().resolve().as_uri()
                 experiment_id = self.client.create_experiment(name, artifact_location=location)
             else:
                 experiment_id = experiment.experiment_id
@@ -243,6 +259,19 @@ class _MLflow(_Backend):
             values = [self.Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(values), 100):  # MLflow takes at most 100 params a batch
                 self.client.log_batch(self.run_id, params=values[i:i + 100])
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                log.warning("logger=mlflow: the run %s of this run directory is not in %s; a new run continues it "
+                            "(tag resumed_from)", run_id, self.tracking_uri)
+                return False
+            raise
+        return True
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         now = int(pd.Timestamp.now().timestamp() * 1000)
@@ -257,7 +286,10 @@ class _MLflow(_Backend):
             self.client.log_artifact(self.run_id, str(path))
 
     def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        finally:
+            self._restore_environment()
 
 
 class _Wandb(_Backend):
@@ -272,8 +304,12 @@ class _Wandb(_Backend):
         import wandb
 
         self.wandb = wandb
+        mode = self.settings.get("mode") or "offline"
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+            raise RuntimeError("logger.wandb.mode=online needs a W&B API key (wandb login, or WANDB_API_KEY); "
+                               "without one wandb.init would wait for a login prompt")
         self.run = wandb.init(project=self.settings.get("project") or "melanoma", entity=self.settings.get("entity"),
-                              mode=self.settings.get("mode") or "offline", dir=str(run_dir),
+                              mode=mode, dir=str(run_dir),
                               id=run_id or uuid.uuid4().hex[:12], resume="allow", config=params,
                               group=tags.get("sweep"), name=tags.get("run_name"),
                               tags=[f"{k}={v}"[:64] for k, v in tags.items() if k in ("model", "commit")],
@@ -323,8 +359,8 @@ def saved_ids(run_dir: Path) -> dict[str, str]:
     """The tracked runs' ids a run recorded: ``tracking.json``, else the newest ``fold*/last.pt`` holding them."""
     path = run_dir / IDS
     if path.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            return dict(json.loads(path.read_text()))
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return {str(k): str(v) for k, v in dict(json.loads(path.read_text())).items()}
     for last in sorted(run_dir.glob("fold*/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
         with contextlib.suppress(Exception):
             ids = load_checkpoint(last).get("tracking")
@@ -343,7 +379,8 @@ class Trackers:
         tags: model, data root, commit, sweep, ... (strings).
     """
 
-    def __init__(self, settings: Mapping[str, Any] | None, run_dir: Path, config: Mapping, tags: Mapping[str, Any]):
+    def __init__(self, settings: Mapping[str, Any] | None, run_dir: Path, config: Mapping,
+                 tags: Mapping[str, Any]) -> None:
         self.run_dir = Path(run_dir)
         self.backends: list[_Backend] = [_CLASSES[name](value or {}) for name, value in (settings or {}).items()]
         self.ids: dict[str, str] = {}
@@ -357,8 +394,10 @@ class Trackers:
                 run_id = backend.start(self.run_dir, params, tags, previous.get(backend.name))
                 if run_id is not None:
                     self.ids[backend.name] = run_id
-        if self.ids:
-            with contextlib.suppress(OSError), atomic_path(self.run_dir / IDS) as tmp:
+        # Every id the run ever had: a backend that is not chosen (or failed) this time keeps its run for the next
+        self.ids = previous | self.ids
+        if self.ids and self.ids != previous:
+            with contextlib.suppress(OSError, MelanomaError), atomic_path(self.run_dir / IDS) as tmp:
                 tmp.write_text(json.dumps(self.ids, indent=2))
 
     @contextlib.contextmanager

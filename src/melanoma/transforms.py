@@ -294,7 +294,8 @@ def eval_pixels(preprocess: dict) -> v2.Compose:
     """
     steps = eval_transform(preprocess).transforms
     tail = [type(step) for step in steps[-3:]]
-    assert tail == [v2.ToDtype, v2.Normalize, v2.ToPureTensor], f"eval_transform ends with {tail}"
+    if tail != [v2.ToDtype, v2.Normalize, v2.ToPureTensor]:
+        raise RuntimeError(f"eval_transform ends with {tail}, not the float conversion and normalisation")
     return v2.Compose([*steps[:-3], v2.ToPureTensor()])
 
 

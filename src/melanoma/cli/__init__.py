@@ -56,17 +56,17 @@ def _sweep_points(argv: list[str], multirun: bool) -> list[list[str]]:
     """Command lines that between them use every value of every swept key once (``a=1,2 b=x,y``: ``a=1 b=x``,
     ``a=2 b=x``, ``a=1 b=y``), so a typo in any value of a sweep is found before its first job starts.
     An interval (``interval(1e-5, 1e-2)``, Optuna's search space) has no values to list: the sampler draws them,
-    and the key keeps its configured value here."""
+    and its two ends are checked."""
     if not multirun:
         return [argv]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep
 
     parsed = OverridesParser.create().parse_overrides(argv)
-    choices = [[] if isinstance(o.value(), IntervalSweep) else
+    choices = [[f"{o.get_key_element()}={v:g}" for v in (o.value().start, o.value().end)]  # 16.0 as 16
+               if isinstance(o.value(), IntervalSweep) else
                [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
                for o, text in zip(parsed, argv, strict=True)]
-    choices = [values for values in choices if values]
     base = [values[0] for values in choices]
     points = [base]
     for i, values in enumerate(choices):
@@ -98,6 +98,8 @@ def _composition_error(exc: Exception, config_name: str) -> str:
     if missing:
         group, option = missing.groups()
         options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        if group == "hydra/sweeper" and option == "optuna":
+            return "hparams=optuna needs Hydra's Optuna sweeper: pip install 'melanoma[optuna]'"
         close = difflib.get_close_matches(option, options, n=3)
         return (f"{group}={option} is not an option of {group} (close: {', '.join(close) or 'none'}); "
                 f"the options are {', '.join(options)}")

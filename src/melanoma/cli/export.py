@@ -79,9 +79,12 @@ def export_run(cfg: DictConfig, out_dir: Path) -> dict:
                             metadata=encoded, tta=cfg.tta, tolerance=cfg.tolerance)
     description = model_description(ensemble, cfg.format, file, cfg.tta, check)
     write_json(description, out_dir / "model.json")
-    card = "not written (ckpt= names one checkpoint, not a finished run)"
+    card = "no model card (ckpt= names one checkpoint, not a finished run)"
     if Path(cfg.ckpt).expanduser().is_dir():
-        card = str(write_model_card(find_run(cfg.ckpt), out_dir / CARD, description))
+        try:
+            card = str(write_model_card(find_run(cfg.ckpt), out_dir / CARD, description))
+        except DataError as exc:  # the model file is good; only the card lacks its source
+            card = f"no model card ({exc})"
     summary = (f"{len(ensemble.models)} models, tta={cfg.tta}: {out_dir / file} ({cfg.format}) reproduces "
                f"melanoma-eval within {max(check['max_abs_diff'], check['max_abs_diff_batch1']):.1e} on {len(paths)} "
                f"images (batch {len(paths)} and 1); wrote {out_dir / 'model.json'} and {card}; "

@@ -48,7 +48,8 @@ def write_report(paths: list[str], out: Path, figures: Path | None = None) -> Re
     write_model_card(report.runs[0], out / CARD)
     if report.search is not None:
         plot_optimization_history(report.search.trials, out / "optimization_history.png",
-                                  f"Optimisation history of {report.search.dir.name} (mean CV AUC)")
+                                  f"Optimisation history of {report.search.dir.name} ({report.search.objective})",
+                                  report.search.objective)
     return report
 
 

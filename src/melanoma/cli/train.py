@@ -22,13 +22,14 @@ from pathlib import Path
 import hydra
 import pandas as pd
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from melanoma.audit import add_fold_crossings, summary_line
 from melanoma.cache import build_cache
-from melanoma.checkpoint import run_lock, write_csv, write_json
+from melanoma.checkpoint import CONFIG, comparable, config_changes, run_lock, write_csv, write_json
 from melanoma.cli import check_overrides
 from melanoma.cli.schema import validate
 from melanoma.crossval import (
@@ -44,7 +45,7 @@ from melanoma.data import load_records, resolve_num_workers, split_records
 from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, report_user_errors
 from melanoma.folds import make_folds, merge_groups
 from melanoma.metadata import parse_columns
-from melanoma.metrics import degenerate_operating_point
+from melanoma.metrics import degenerate_operating_point, objective
 from melanoma.models import create_model, model_data_config
 from melanoma.optim import OptimizerSettings, ScheduleSettings
 from melanoma.plots import plot_run
@@ -92,6 +93,13 @@ def train(cfg: DictConfig, run_dir: Path, sweep: dict | None = None) -> dict:
     main = int(os.environ.get("RANK", "0")) == 0
     with run_lock(run_dir) if main else contextlib.nullcontext():
         config = OmegaConf.to_container(cfg, resolve=True)
+        recorded = run_dir / CONFIG
+        if cfg.resume is not None and recorded.is_file():  # refused before a tracked run is reopened
+            saved = comparable(yaml.safe_load(recorded.read_text()) or {})
+            if saved != comparable(config):
+                raise ConfigError(f"{recorded} was written by a run with another config "
+                                  f"({config_changes(saved, comparable(config))}); resume with the same overrides, "
+                                  "or train into a new run directory")
         with tracked(loggers if main else None, run_dir, config, _tags(config, run_dir, sweep or {})) as trackers:
             return _train(cfg, run_dir, trackers)
 
@@ -245,9 +253,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             signal.signal(sig, handler)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if not metrics or cfg.trainer.monitor == "loss":  # ranks > 0 under torchrun return nothing
+    if not metrics:  # ranks > 0 under torchrun return nothing
         return None
-    return metrics["mean"].get(cfg.trainer.monitor)
+    return objective(metrics, cfg.trainer.monitor)
 
 
 def main() -> None:

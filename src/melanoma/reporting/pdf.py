@@ -298,7 +298,8 @@ def _search(report: Report) -> Figure | None:
     fig = _page(f"Optuna search: {len(search.trials)} trials in {search.dir}; best {format_cell(search.best_value)} "
                 f"with " + (", ".join(f"{k}={format_cell(v, 'g')}" for k, v in search.best_params.items()) or "none"))
     with tempfile.TemporaryDirectory() as tmp:
-        plot_optimization_history(search.trials, Path(tmp) / "history.png", "Optimisation history (mean CV AUC)")
+        plot_optimization_history(search.trials, Path(tmp) / "history.png",
+                                  f"Optimisation history ({search.objective})", search.objective)
         _show(fig.add_axes((0.1, 0.05, 0.8, 0.82)), Path(tmp) / "history.png", "")
     return fig
 

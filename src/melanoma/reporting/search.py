@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from melanoma.metrics import objective
 from melanoma.reporting.runs import last_error
 
 RESULTS = "optimization_results.yaml"
@@ -28,6 +29,7 @@ class Search:
     best_params: dict
     best_value: float | None
     trials: pd.DataFrame  # trial, value, state (complete | failed), reason, run
+    objective: str = "mean CV auc"  # what the value is (the trials' trainer.monitor; loss is negated)
 
 
 def find_search(paths: list[str | Path]) -> Search | None:
@@ -40,17 +42,21 @@ def find_search(paths: list[str | Path]) -> Search | None:
             best = yaml.safe_load(results.read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue
-        rows = []
+        rows, monitors = [], set()
         for job in sorted((d for d in path.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
             value, reason = None, None
             try:
                 metrics = json.loads((job / "metrics.json").read_text())
                 config = yaml.safe_load((job / "config.yaml").read_text()) or {}
-                value = (metrics.get("mean") or {}).get((config.get("trainer") or {}).get("monitor", "auc"))
+                monitor = (config.get("trainer") or {}).get("monitor", "auc")
+                monitors.add(monitor)
+                value = objective(metrics, monitor)
             except (OSError, ValueError, yaml.YAMLError):
                 reason = last_error(job / "train.log") or "no metrics.json"
             rows.append({"trial": int(job.name), "value": value, "state": "complete" if value is not None else "failed",
                          "reason": reason, "run": str(job)})
         trials = pd.DataFrame(rows, columns=["trial", "value", "state", "reason", "run"]).astype({"value": float})
-        return Search(path, dict(best.get("best_params") or {}), best.get("best_value"), trials)
+        monitor = monitors.pop() if len(monitors) == 1 else "objective"
+        label = "minus the mean CV loss" if monitor == "loss" else f"mean CV {monitor}"
+        return Search(path, dict(best.get("best_params") or {}), best.get("best_value"), trials, label)
     return None
