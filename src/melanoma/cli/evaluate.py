@@ -27,6 +27,7 @@ from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
 from melanoma.metadata import parse_columns
 from melanoma.plots import plot_evaluation, plot_subgroups
+from melanoma.reporting.tables import format_interval
 from melanoma.runtime import resolve_runtime
 from melanoma.subgroups import card_table, report_card, subgroup_columns
 
@@ -38,19 +39,15 @@ def _format_table(results: dict) -> str:
     cells = {}
     for name, block in results.items():
         column = f"{name} ({block['threshold']:.3g})"
-        cells[column] = {k: _cell(v) for k, v in block["metrics"].items()}
+        cells[column] = {k: format_interval(v) for k, v in block["metrics"].items()}
     return pd.DataFrame(cells).loc[[*THRESHOLD_METRICS, *RANKING_METRICS]].to_string()
-
-
-def _cell(v: dict) -> str:
-    return "n/a" if v["value"] is None else f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
 
 
 def _side_by_side(full: dict, dedup: dict) -> str:
     """Full and deduplicated test metrics of one threshold, side by side."""
     keys = [*THRESHOLD_METRICS, *RANKING_METRICS]
-    return pd.DataFrame({"full test split": [_cell(full["metrics"][k]) for k in keys],
-                         "deduplicated": [_cell(dedup["metrics"][k]) for k in keys]}, index=keys).to_string()
+    return pd.DataFrame({"full test split": [format_interval(full["metrics"][k]) for k in keys],
+                         "deduplicated": [format_interval(dedup["metrics"][k]) for k in keys]}, index=keys).to_string()
 
 
 def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -146,8 +143,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         if name == "0.5":
             continue
         print(f"{name} threshold (chosen on out-of-fold predictions, sensitivity {promise['oof']['sensitivity']:.3f} "
-              f"there): sensitivity {_cell(promise['test']['sensitivity'])}, specificity "
-              f"{_cell(promise['test']['specificity'])} here")
+              f"there): sensitivity {format_interval(promise['test']['sensitivity'])}, specificity "
+              f"{format_interval(promise['test']['specificity'])} here")
     if dedup is not None and dedup["n_removed"]:  # else the table would repeat the one above
         print(f"\nWithout the {dedup['n_removed']} test images that have a near-duplicate in train "
               f"({dedup['n_images']} left), at the {chosen_name} threshold:")

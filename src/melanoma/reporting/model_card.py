@@ -20,6 +20,7 @@ from melanoma.checkpoint import PROVENANCE, atomic_path
 from melanoma.confidence import metrics_with_ci
 from melanoma.errors import DataError
 from melanoma.reporting.runs import Run, collect
+from melanoma.reporting.tables import format_interval as _ci
 
 NAME = "MODEL_CARD.md"
 SMALL_TEST = 50  # fewer malignant test images than this: the card says the intervals are wide
@@ -35,14 +36,6 @@ def _read_json(path: Path) -> dict:
 
 def _f(value: object, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
-
-
-def _ci(cell: dict | None) -> str:
-    """``value [lo, hi]`` of a melanoma-eval metric."""
-    if not cell or cell.get("value") is None:
-        return "n/a"
-    ci = cell.get("ci") or [None, None]
-    return f"{_f(cell['value'])} [{_f(ci[0])}, {_f(ci[1])}]"
 
 
 def _oof_interval(run_dir: Path) -> str:

@@ -111,6 +111,14 @@ def format_cell(value: object, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
+def format_interval(cell: dict | None, spec: str = ".3f") -> str:
+    """A melanoma-eval metric (``{"value": v, "ci": [lo, hi]}``) as ``v [lo, hi]``; ``n/a`` without a value."""
+    if not cell or cell.get("value") is None:
+        return "n/a"
+    lo, hi = cell.get("ci") or (None, None)
+    return f"{format_cell(cell['value'], spec)} [{format_cell(lo, spec)}, {format_cell(hi, spec)}]"
+
+
 def display_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     """The table as text cells, shared by the markdown file, stdout and the PDF."""
     table = report.table
