@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from melanoma import crossval
 from melanoma.checkpoint import load_checkpoint
 from melanoma.crossval import (
     LoaderSettings,
@@ -18,6 +19,7 @@ from melanoma.crossval import (
     record_run,
     write_results,
 )
+from melanoma.data import make_loader
 from melanoma.folds import make_folds
 from melanoma.models import create_model, model_data_config
 from melanoma.optim import OptimizerSettings, ScheduleSettings
@@ -25,7 +27,7 @@ from melanoma.runtime import resolve_runtime
 from melanoma.transforms import build_pipeline, resolve_preprocess
 
 
-def test_cross_validate_with_plain_arguments(tiny_data: Path, tmp_path: Path) -> None:
+def test_cross_validate_with_plain_arguments(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     training = load_training_set("kaggle", tiny_data, ("benign", "malignant"), audit=True, audit_workers=1)
     records = training.records
     assert len(records) == 150 and {"path", "label", "group", "sha256"} <= set(records.columns)
@@ -37,10 +39,19 @@ def test_cross_validate_with_plain_arguments(tiny_data: Path, tmp_path: Path) ->
 
     preprocess = resolve_preprocess(32, model_data_config(model_factory()))
     pipeline = build_pipeline(preprocess, augment=False)
+    samplers = []  # the training loaders draw balanced classes (data.sampler=balanced), the validation ones do not
+
+    def recording_loader(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        samplers.append(type(loader.sampler).__name__)
+        return loader
+
+    monkeypatch.setattr(crossval, "make_loader", recording_loader)
     cv = cross_validate(records[["path", "label"]], fold_of, model_factory, pipeline, resolve_runtime("cpu", "fp32"),
                         tmp_path, optimizer=OptimizerSettings("adam", lr=1e-3), schedule=ScheduleSettings(),
-                        train=TrainSettings(epochs=1, deterministic=True), loader=LoaderSettings(batch_size=16),
-                        seed=3, config={"note": "a notebook run"})
+                        train=TrainSettings(epochs=1, deterministic=True),
+                        loader=LoaderSettings(batch_size=16, balanced=True), seed=3, config={"note": "a notebook run"})
+    assert samplers == ["WeightedRandomSampler", "SequentialSampler"] * 2
     assert len(cv.folds) == 2 and [f["fold"] for f in cv.folds] == [0, 1] and len(cv.temperatures) == 2
     assert sorted(cv.oof["path"]) == sorted(records["path"])  # every image predicted once ...
     assert np.array_equal(cv.oof.sort_index()["fold"].to_numpy(), fold_of)  # ... by the model that never saw it

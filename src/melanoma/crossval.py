@@ -86,12 +86,14 @@ class LoaderSettings:
         eval_batch_size: validation batch; ``None`` is twice ``batch_size``.
         num_workers: loader processes (already resolved from ``auto``).
         prefetch_factor: batches each worker prepares ahead.
+        balanced: draw each class equally often in training (``data.sampler=balanced``).
     """
 
     batch_size: int
     eval_batch_size: int | None = None
     num_workers: int = 0
     prefetch_factor: int | None = 4
+    balanced: bool = False
 
 
 @dataclass
@@ -300,7 +302,8 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
                                      metadata=encoder.transform(part) if fused else None), batch_sizes[is_train],
                         train=is_train, num_workers=loader.num_workers, seed=seed + k,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=not train.deterministic,
-                        rank=rank, world_size=world, prefetch_factor=loader.prefetch_factor)
+                        rank=rank, world_size=world, prefetch_factor=loader.prefetch_factor,
+                        balanced=loader.balanced)
             for part, tf, is_train in ((tr, pipeline.train, True), (va.iloc[rank::world], pipeline.eval, False))
         ]
         opt = create_optimizer(model, optimizer.name, optimizer.lr, optimizer.weight_decay, optimizer.momentum,

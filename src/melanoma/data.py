@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
 from melanoma.errors import ConfigError, DataError
 from melanoma.synthetic import generate_dataset
@@ -409,19 +409,44 @@ def _ignore_stop_signals(worker_id: int) -> None:
     threading.excepthook = _quiet_lost_connection
 
 
+def balanced_sampler(labels: Sequence[int], generator: torch.Generator, world_size: int = 1) -> WeightedRandomSampler:
+    """Draw images with replacement so that each class is drawn equally often on average.
+
+    An epoch keeps its length (``len(labels) / world_size`` draws per rank), so the schedule's
+    steps do not change; a rare image is seen several times an epoch, a common one not every
+    epoch. The draws come from ``generator``: the loader's own, whose state every checkpoint
+    keeps, so a resumed run draws what an uninterrupted one would.
+
+    Raises:
+        ConfigError: a class has no image to draw.
+    """
+    labels = np.asarray(labels, dtype=int)
+    counts = np.bincount(labels, minlength=2)
+    if (counts == 0).any():
+        raise ConfigError(f"data.sampler=balanced needs images of both classes in every training fold "
+                          f"(counts {counts.tolist()}); use data.sampler=shuffle")
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, -(-len(labels) // world_size), replacement=True, generator=generator)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
                 pin_memory: bool = False, persistent_workers: bool = True, rank: int = 0,
-                world_size: int = 1, prefetch_factor: int | None = None) -> DataLoader:
+                world_size: int = 1, prefetch_factor: int | None = None, balanced: bool = False) -> DataLoader:
     """A DataLoader that shuffles reproducibly from ``seed`` when training.
 
     Worker processes are seeded by torch from the loader's generator, so augmentations
     repeat exactly across runs with the same seed. Persistent workers carry their random state
     from epoch to epoch; turn them off to make a resumed run repeat an uninterrupted one.
     Under torchrun (``world_size > 1``) a training loader shards with a ``DistributedSampler``.
+    With ``balanced`` a training loader draws each class equally often instead
+    (see :func:`balanced_sampler`); it needs the dataset's ``labels``.
     """
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if train and world_size > 1:
+    # Under torchrun each rank draws its own balanced sample, so its generator differs by rank.
+    generator = torch.Generator().manual_seed(seed + (rank if train and balanced else 0))
+    sampler: Sampler | None = None
+    if train and balanced:
+        sampler = balanced_sampler(dataset.labels, generator, world_size)
+    elif train and world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return DataLoader(
         dataset,

@@ -103,7 +103,7 @@ DATA = {
     "image_size": integer(16, 4096), "batch_size": integer(1), "eval_batch_size": integer(1) | NULL,
     "num_workers": WORKERS, "prefetch_factor": integer(1) | NULL, "cache": choice("none", "memory", "disk"),
     "cache_edge": integer(16) | NULL, "cache_dir": TEXT | NULL, "on_bad_file": choice("error", "skip"),
-    "synthetic": NULL | MAPPING,
+    "sampler": choice("shuffle", "balanced"), "synthetic": NULL | MAPPING,
     "group_column": TEXT | NULL,
     "metadata": Rule(lambda v: isinstance(v, list | tuple) and all(isinstance(c, str) and c for c in v),
                      "a list of manifest column names (e.g. [age_approx,sex])"),
@@ -188,6 +188,10 @@ def _across_keys(config: Mapping[str, Any], config_name: str) -> list[str]:
     if config_name == "train" and model.get("fusion", "none") != "none" and not data.get("metadata"):
         found.append(f"model.fusion={model['fusion']} needs metadata columns: data=csv data.manifest=CSV "
                      "data.metadata=[age_approx,sex] (or model.fusion=none)")
+    pos_weight = (config.get("trainer") or {}).get("pos_weight")
+    if config_name == "train" and data.get("sampler") == "balanced" and pos_weight is not None:
+        found.append(f"data.sampler=balanced and trainer.pos_weight={pos_weight} both correct the class "
+                     "imbalance; keep one (trainer.pos_weight=null, or data.sampler=shuffle)")
     if config_name in ("train", "audit_run") and data.get("layout") not in ("csv", None) and (
             data.get("metadata") or data.get("group_column")):
         found.append(f"data.metadata and data.group_column need data=csv (a manifest holds the columns); "

@@ -202,7 +202,8 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     cv = cross_validate(
         train_set[["path", "label", *metadata]], fold_of, model_factory, pipeline, runtime, run_dir,
         optimizer=optimizer, schedule=schedule, train=settings,
-        loader=LoaderSettings(data["batch_size"], data["eval_batch_size"], workers, data["prefetch_factor"]),
+        loader=LoaderSettings(data["batch_size"], data["eval_batch_size"], workers, data["prefetch_factor"],
+                              balanced=data["sampler"] == "balanced"),
         decoded=decoded, seed=cfg.seed, calibrate=cfg.cv.calibration == "temperature", config=config,
         classes=data["classes"], metadata=metadata, fusion=m["fusion"], on_epoch=trackers.log_epoch,
         state_extra={"tracking": trackers.ids} if trackers.ids else None)
