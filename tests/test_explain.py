@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,18 @@ from melanoma.checkpoint import load_checkpoint
 from melanoma.cli.explain import explain_run
 from melanoma.cli.train import train
 from melanoma.errors import ConfigError, DataError
-from melanoma.gradcam import default_out, explain, grad_cam, select_images, target_layer, target_layer_name
+from melanoma.gradcam import (
+    attention_shares,
+    attention_summary,
+    default_out,
+    explain,
+    grad_cam,
+    select_images,
+    target_layer,
+    target_layer_name,
+)
+from melanoma.inference import Ensemble
+from melanoma.occlusion import corner_mask, occlusion_summary, occlusion_test, shortcut_warning
 from melanoma.runtime import resolve_runtime
 
 from conftest import TINY, make_config
@@ -119,10 +131,20 @@ def test_explain_writes_maps_and_table_into_the_run(run_dir: Path) -> None:
     explain_run(make_config([f"ckpt={run_dir}", "n=3", "trainer.device=cpu"], "explain"))  # what the CLI runs
     Image.open(run_dir / "explain" / "activation_maps.png").verify()
     table = pd.read_csv(run_dir / "explain" / "explain.csv")
-    assert list(table.columns) == ["path", "label", "prob", "pred"] and table["label"].tolist() == [0] * 3 + [1] * 3
+    assert list(table.columns) == ["path", "label", "prob", "pred", "cam_lesion", "lesion_area", "cam_corners",
+                                   "corner_area", "peak"] and table["label"].tolist() == [0] * 3 + [1] * 3
+    shares = table[["cam_lesion", "lesion_area", "cam_corners", "corner_area"]].dropna()
+    assert shares.stack().between(0, 1).all() and set(table["peak"]) <= {"lesion", "corner", "skin", "none"}
     assert all("/test/" in p for p in table["path"]) and table["prob"].between(0, 1).all()
     threshold = load_checkpoint(run_dir / "fold0" / "best.pt")["thresholds"]["sens95"]
     assert (table["pred"] == (table["prob"] >= threshold)).all()
+    occluded = json.loads((run_dir / "explain" / "occlusion.json").read_text())
+    assert occluded["split"] == "test" and occluded["n_images"] == 20 and occluded["n_positive"] == 10  # all of it
+    assert set(occluded["auc"]) == {"none", "corners", "centre"}
+    assert set(occluded["difference"]) == {"corners", "centre"}
+    for region in ("corners", "centre"):
+        assert occluded["difference"][region]["difference"]["value"] == pytest.approx(
+            occluded["auc"][region] - occluded["auc"]["none"])
 
 
 def test_input_images_have_unknown_labels(run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
@@ -139,6 +161,55 @@ def test_input_images_have_unknown_labels(run_dir: Path, tiny_data: Path, tmp_pa
     written = pd.read_csv(tmp_path / "out" / "explain.csv")
     assert written["path"].tolist() == table["path"].tolist() and written["label"].isna().all()
     Image.open(tmp_path / "out" / "activation_maps.png").verify()
+
+
+def test_attention_shares_find_the_lesion_and_the_corners() -> None:
+    size = 64
+    y, x = np.ogrid[:size, :size]
+    disk = (y - 31.5) ** 2 + (x - 31.5) ** 2 < 14 ** 2  # a dark brown lesion in the middle of light skin
+    rgb = np.where(disk[..., None], [0.35, 0.2, 0.12], [0.85, 0.68, 0.6])[None].repeat(4, 0).astype(np.float32)
+    corners = corner_mask(size, size)
+    assert corners.mean() == pytest.approx(1 - np.pi / 4, abs=0.02) and not corners[32, 32] and corners[0, 0]
+    maps = np.stack([disk, corners, np.ones((size, size)), np.zeros((size, size))]).astype(np.float32)
+    table = attention_shares(rgb, maps)
+    assert table["lesion_area"].tolist() == pytest.approx([disk.mean()] * 4)  # Otsu split off exactly the disk
+    assert table["corner_area"].tolist() == pytest.approx([corners.mean()] * 4)
+    assert table["cam_lesion"].tolist()[:3] == pytest.approx([1.0, 0.0, disk.mean()])  # a uniform map: the area
+    assert table["cam_corners"].tolist()[:3] == pytest.approx([0.0, 1.0, corners.mean()])
+    assert table["peak"].tolist() == ["lesion", "corner", "corner", "none"] and table.iloc[3].isna().sum() == 2
+    said = attention_summary(table)
+    assert "on the lesion 0.38 (its area: 0.15), in the corners 0.40 (their area: 0.21)" in said
+    assert "1 on the lesion, 2 in a corner, 0 on skin, of 4" in said
+
+
+class CornerReader(torch.nn.Module):
+    """A "model" whose logit is the brightness of the image's corners: a pure shortcut."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, torch.from_numpy(corner_mask(*x.shape[-2:]))].mean(dim=(1, 2))[:, None] * 10
+
+
+def test_occlusion_test_catches_a_model_that_reads_the_corners(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(40):  # malignant images have bright corners, benign dark ones; the centre is noise for both
+        label = i % 2
+        pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+        pixels[corner_mask(32, 32)] = 200 + rng.integers(0, 40) if label else 20 + rng.integers(0, 40)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+        records.append({"path": str(tmp_path / f"{i}.png"), "label": label})
+    preprocess = {"image_size": 32, "resize": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3,
+                  "std": [0.5] * 3}
+    ensemble = Ensemble([CornerReader().eval()], [tmp_path / "best.pt"], {}, preprocess, {}, "0.5", [1.0], {})
+    result = occlusion_test(ensemble, pd.DataFrame(records), CPU, n_resamples=200, num_workers=0)
+    assert result["auc"]["none"] == 1.0 and result["auc"]["centre"] == 1.0  # the centre never mattered
+    assert result["auc"]["corners"] == 0.5  # hidden corners: every image scores the same
+    assert result["difference"]["corners"]["difference"]["value"] == -0.5
+    assert result["difference"]["corners"]["difference"]["ci"][1] < 0
+    assert "corners hidden 0.500 (-0.500" in occlusion_summary(result)
+    assert "costs 0.500 AUC" in shortcut_warning(result) and result["corner_area"] == pytest.approx(0.215, abs=0.02)
+    result["difference"]["corners"]["difference"] = {"value": -0.01, "ci": [-0.03, 0.01]}
+    assert shortcut_warning(result) is None  # a loss inside the CI is no finding
 
 
 def test_bad_arguments_name_the_key_and_the_fix(tmp_path: Path) -> None:

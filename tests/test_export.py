@@ -60,6 +60,11 @@ def test_the_export_gives_melanoma_evals_probabilities(run_dir: Path, tmp_path: 
 
 
 def test_model_json_and_the_card_name_the_runs_numbers(run_dir: Path, tmp_path: Path) -> None:
+    (run_dir / "explain").mkdir(exist_ok=True)  # what melanoma-explain's occlusion test found: a corner shortcut
+    (run_dir / "explain" / "occlusion.json").write_text(json.dumps(
+        {"n_images": 20, "corner_area": 0.215, "auc": {"none": 0.8, "corners": 0.7, "centre": 0.55},
+         "difference": {r: {"difference": {"value": d, "ci": [d - 0.05, d + 0.04]}}
+                        for r, d in (("corners", -0.1), ("centre", -0.25))}}))
     description = _export(run_dir, tmp_path, "format=torchscript", "n_images=2")
     assert json.loads((tmp_path / "model.json").read_text()) == description
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -100,6 +105,9 @@ def test_model_json_and_the_card_name_the_runs_numbers(run_dir: Path, tmp_path: 
     assert (provenance["commit"] or "not recorded") in card
     assert "not started by melanoma-train (no .hydra/overrides.yaml)" in card  # train() called from Python
     assert f"melanoma-eval ckpt={run_dir}" in card
+    assert ("- Hiding the image corners (22% of the image: vignette, rulers, borders) costs 0.100 AUC (CI -0.150 to "
+            "-0.060): the model reads the lesion's surroundings, a possible shortcut (Occlusion test on 20 images: "
+            "AUC 0.800 as is; corners hidden 0.700") in card
 
 
 @pytest.mark.slow  # a fused training and two exports: the slow tier

@@ -146,6 +146,13 @@ def test_cli_defaults_to_the_sweep_and_embeds_activation_maps(runs: Path, capsys
     for job in range(4):  # where melanoma-explain ckpt=RUN puts its figure
         (sweep / str(job) / "explain").mkdir()
         Image.new("RGB", (300, 200), "orange").save(sweep / str(job) / "explain" / "activation_maps.png")
+        pd.DataFrame({"path": ["a.jpg", "b.jpg"], "cam_lesion": [0.6, 0.4], "lesion_area": [0.3, 0.3],
+                      "cam_corners": [0.1, 0.3], "corner_area": [0.215, 0.215], "peak": ["lesion", "corner"]}
+                     ).to_csv(sweep / str(job) / "explain" / "explain.csv", index=False)
+        (sweep / str(job) / "explain" / "occlusion.json").write_text(json.dumps(
+            {"n_images": 20, "auc": {"none": 0.8, "corners": 0.75, "centre": 0.55},
+             "difference": {r: {"difference": {"value": d, "ci": [d - 0.05, d + 0.05]}}
+                            for r, d in (("corners", -0.05), ("centre", -0.25))}}))
     main([str(sweep), "--figures", str(runs / "assets")])
     printed = capsys.readouterr().out
     assert "| ★ |" in printed and "Skipped" in printed and str(sweep / "report.pdf") in printed
@@ -153,6 +160,9 @@ def test_cli_defaults_to_the_sweep_and_embeds_activation_maps(runs: Path, capsys
     # the few skipped items sit on the title page (no near-empty page); the activation maps add one
     assert len(reader.pages) == FIXED_PAGES - 1 + 1 + 2 * 4
     assert "skipped or incomplete" in reader.pages[0].extract_text()
+    text = " ".join(" ".join(page.extract_text().split()) for page in reader.pages)
+    assert "Grad-CAM mass on the lesion 0.50 (its area: 0.30), in the corners 0.20" in text  # what explain measured
+    assert "Occlusion test on 20 images: AUC 0.800 as is; corners hidden 0.750 (-0.050 [-0.100, +0.000])" in text
     assert len(pd.read_csv(sweep / "results.csv")) == 4
     for name in ("sample_augmented", "loss_curve", "roc_curve", "confusion_matrix", "activation_map"):
         Image.open(runs / "assets" / f"{name}.png").verify()

@@ -1,7 +1,8 @@
 """Grad-CAM activation maps of trained models, and :func:`explain`, the work of ``melanoma-explain``.
 
-:func:`explain` writes ``activation_maps.png`` and ``explain.csv`` (``path,label,prob,pred``) into
-``out``, by default ``RUN/explain/``, where ``melanoma-report`` looks for them.
+:func:`explain` writes ``activation_maps.png`` and ``explain.csv`` (``path,label,prob,pred`` and where
+each map lies, :func:`attention_shares`) into ``out``, by default ``RUN/explain/``, where
+``melanoma-report`` looks for them.
 
 Grad-CAM comes from Captum's ``LayerGradCam``: pure Python on top of torch, maintained by the
 PyTorch team. pytorch-grad-cam would pull in OpenCV, which needs system GL libraries that
@@ -18,18 +19,21 @@ import numpy as np
 import pandas as pd
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
+from kornia.color import rgb_to_lab
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from melanoma.checkpoint import write_csv
+from melanoma.checkpoint import write_csv, write_json
 from melanoma.data import find_images, load_eval_set, load_image, scan_images
 from melanoma.errors import ConfigError, DataError
 from melanoma.fusion import FusionNet
 from melanoma.inference import load_ensemble, predict_probs, resolve_threshold, run_dir_of
+from melanoma.occlusion import corner_mask, occlusion_summary, occlusion_test, shortcut_warning
 from melanoma.plots import plot_activation_maps
 from melanoma.runtime import Runtime
+from melanoma.skin_tone import split_lesion
 from melanoma.transforms import eval_transform
 
 log = logging.getLogger("melanoma.gradcam")
@@ -141,6 +145,49 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | to
     return scaled.view(cam.shape[0], *cam.shape[-2:]).cpu().numpy()
 
 
+def attention_shares(rgb: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
+    """Where each Grad-CAM map puts its mass: on the lesion, in the corners, and where it peaks.
+
+    The lesion is the darker part of the skin (:func:`melanoma.skin_tone.split_lesion`, Otsu's
+    threshold on L*); the corners are :func:`corner_mask`. A map that looked everywhere alike would
+    put ``lesion_area`` of its mass on the lesion and ``corner_area`` in the corners, so a model
+    that uses the lesion has ``cam_lesion`` well above ``lesion_area``, and one that uses the
+    vignette or borders has ``cam_corners`` above ``corner_area``.
+
+    Args:
+        rgb: the images the model saw, (N, H, W, 3) in [0, 1].
+        maps: their Grad-CAM maps, (N, H, W), non-negative.
+
+    Returns:
+        One row per image: ``cam_lesion``, ``lesion_area``, ``cam_corners``, ``corner_area`` (shares
+        in [0, 1]; the ``cam_`` ones NaN for an all-zero map) and ``peak``: ``corner``, ``lesion``,
+        ``skin`` or ``none`` (an all-zero map), where the map's maximum lies (a corner first).
+    """
+    corners = corner_mask(*maps.shape[1:])
+    lab = rgb_to_lab(torch.as_tensor(np.ascontiguousarray(rgb), dtype=torch.float32).permute(0, 3, 1, 2))
+    rows = []
+    for image, cam in zip(lab, maps, strict=True):
+        lesion = split_lesion(image)[1].numpy()
+        total = float(cam.sum())
+        peak = np.unravel_index(np.argmax(cam), cam.shape)
+        where = "none" if total <= 0 else "corner" if corners[peak] else "lesion" if lesion[peak] else "skin"
+        rows.append({"cam_lesion": float(cam[lesion].sum()) / total if total > 0 else np.nan,
+                     "lesion_area": float(lesion.mean()),
+                     "cam_corners": float(cam[corners].sum()) / total if total > 0 else np.nan,
+                     "corner_area": float(corners.mean()), "peak": where})
+    return pd.DataFrame(rows)
+
+
+def attention_summary(table: pd.DataFrame) -> str:
+    """One sentence on where a set of maps lies (the columns of :func:`attention_shares`)."""
+    peaks = table["peak"].value_counts()
+    mean = table[["cam_lesion", "lesion_area"]].mean()
+    return (f"Grad-CAM mass on the lesion {mean['cam_lesion']:.2f} (its area: {mean['lesion_area']:.2f}), "
+            f"in the corners {table['cam_corners'].mean():.2f} (their area: {table['corner_area'].mean():.2f}); "
+            f"peaks: {peaks.get('lesion', 0)} on the lesion, {peaks.get('corner', 0)} in a corner, "
+            f"{peaks.get('skin', 0)} on skin, of {len(table)}")
+
+
 def select_images(records: pd.DataFrame, n: int, seed: int, classes: Sequence[str], source: str) -> pd.DataFrame:
     """``n`` images of each label (all of them where fewer), drawn reproducibly from ``seed``.
 
@@ -167,7 +214,7 @@ def default_out(ckpt: str | Path) -> Path:
 
 def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None, n: int = 4,
             split: str = "test", seed: int = 0, threshold: str | float | None = None,
-            out: str | Path | None = None) -> pd.DataFrame:
+            out: str | Path | None = None, occlusion: bool = True) -> pd.DataFrame:
     """Draw Grad-CAM maps of a run's predictions and write ``activation_maps.png`` and ``explain.csv``.
 
     A fold ensemble is explained by the mean of its models' maps (each for the ensemble's
@@ -185,6 +232,9 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         threshold: decision threshold: a run's operating point name or a number; ``None`` is the
             run's operating point.
         out: output folder; ``None`` is ``RUN_DIR/explain``.
+        occlusion: also score every image of the split with its corners, then its centre, hidden
+            (:func:`melanoma.occlusion.occlusion_test`) and write ``occlusion.json``; only for the
+            run's own, labelled images.
 
     Returns:
         The ``explain.csv`` table: ``path, label`` (empty when unknown), ``prob``, ``pred``.
@@ -255,8 +305,21 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
     suptitle = (f"Grad-CAM of {ensemble.config['model']['name']} at {target_layer_name(ensemble.models[0])} "
                 f"({models}), {source}; pred at {threshold_name} threshold {cutoff:.3g}")
     plot_activation_maps(rgb, maps, titles, out / "activation_maps.png", ncols=n, suptitle=suptitle)
-    table = chosen[["path", "label", "prob", "pred"]]
+    table = pd.concat([chosen[["path", "label", "prob", "pred"]].reset_index(drop=True), attention_shares(rgb, maps)],
+                      axis=1)
     write_csv(table, out / "explain.csv")
     print(f"Grad-CAM of {len(table)} images ({source}); wrote {out / 'activation_maps.png'} and "
           f"{out / 'explain.csv'}")
+    print(attention_summary(table))
+    if table["cam_corners"].mean() > table["corner_area"].mean():
+        log.warning("the maps put more of their mass in the image corners than a uniform map would (%.2f > %.2f): "
+                    "the model may read the dermoscope's vignette or the borders instead of the lesion; look at "
+                    "%s", table["cam_corners"].mean(), table["corner_area"].mean(), out / "activation_maps.png")
+    if occlusion and paths is None:
+        result = occlusion_test(ensemble, records, runtime, ensemble.encode(records, str(data.get("manifest"))),
+                                seed=seed)
+        write_json({"split": split, **result}, out / "occlusion.json")
+        print(occlusion_summary(result))
+        if (warning := shortcut_warning(result)) is not None:
+            log.warning(warning)
     return table

@@ -41,15 +41,27 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
     return float(centers[np.nanargmax(between[:-1])])
 
 
-def skin_mask(lab: torch.Tensor) -> torch.Tensor:
-    """The pixels of a CIELAB image (3, H, W) that are skin: not vignette, highlight or the darker lesion."""
+def split_lesion(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The skin and the lesion pixels of a CIELAB image (3, H, W), as two boolean (H, W) masks.
+
+    Pixels that are neither vignette nor highlight are split by Otsu's threshold on L*: the darker
+    part is the lesion. Where that leaves under 5% of them as skin there is no clear lesion: every
+    such pixel is skin and the lesion mask is empty.
+    """
     lightness = lab[0]
     valid = (lightness > _DARK) & (lightness < _BRIGHT)
     if not valid.any():
-        return valid
+        return valid, valid
     cut = _otsu(lightness[valid].numpy())
     skin = valid & (lightness > cut)
-    return skin if skin.sum() >= 0.05 * valid.sum() else valid  # no clear lesion: all valid pixels
+    if skin.sum() < 0.05 * valid.sum():
+        return valid, torch.zeros_like(valid)
+    return skin, valid & ~skin
+
+
+def skin_mask(lab: torch.Tensor) -> torch.Tensor:
+    """The pixels of a CIELAB image (3, H, W) that are skin: not vignette, highlight or the darker lesion."""
+    return split_lesion(lab)[0]
 
 
 def ita(lab: torch.Tensor, mask: torch.Tensor | None = None) -> float:

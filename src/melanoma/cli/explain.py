@@ -4,7 +4,8 @@
     melanoma-explain ckpt=outputs/train/RUN/fold1/best.pt n=8 seed=1
     melanoma-explain ckpt=outputs/train/RUN input=/photos/   # unlabelled images
 
-Writes ``activation_maps.png`` and ``explain.csv`` (``path,label,prob,pred``) into ``out``,
+Writes ``activation_maps.png``, ``explain.csv`` (``path,label,prob,pred`` and where each map lies)
+and, for the run's own labelled images, ``occlusion.json`` (:mod:`melanoma.occlusion`) into ``out``,
 by default ``RUN/explain/``, where ``melanoma-report`` looks for them.
 """
 
@@ -33,7 +34,7 @@ def explain_run(cfg: DictConfig) -> pd.DataFrame:
     """Unpack the ``explain`` config and call :func:`explain`."""
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     return explain(cfg.ckpt, runtime, input=cfg.input, n=cfg.n, split=cfg.split, seed=cfg.seed,
-                   threshold=cfg.threshold, out=cfg.out)
+                   threshold=cfg.threshold, out=cfg.out, occlusion=cfg.occlusion)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="explain")

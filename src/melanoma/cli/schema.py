@@ -162,7 +162,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "export": {"ckpt": TEXT, "format": choice(*FORMATS), "tta": choice(*TTAS), "out": TEXT | NULL,
                "images": TEXT | NULL, "n_images": integer(2), "tolerance": number(0, lo_open=True)},
     "explain": {"ckpt": TEXT, "input": TEXT | NULL, "split": choice(*EXPLAIN_SPLITS), "n": integer(1),
-                "seed": integer(0), "threshold": THRESHOLD | NULL, "out": TEXT | NULL, "trainer": RUNTIME},
+                "seed": integer(0), "threshold": THRESHOLD | NULL, "out": TEXT | NULL, "occlusion": FLAG,
+                "trainer": RUNTIME},
 }
 _GROUPS_OF_GROUPS = {"data.synthetic": SYNTHETIC}  # groups that may also be null
 

@@ -17,6 +17,8 @@ from matplotlib.image import imread
 from melanoma.checkpoint import PREPROCESS
 from melanoma.data import load_image
 from melanoma.errors import MelanomaError
+from melanoma.gradcam import attention_summary
+from melanoma.occlusion import occlusion_summary
 from melanoma.plots import (
     plot_augmented_samples,
     plot_confusion_matrix,
@@ -29,6 +31,8 @@ from melanoma.reporting.runs import Run, Skipped
 from melanoma.transforms import build_transforms, split_augmentation
 
 ACTIVATION_MAPS = Path("explain") / "activation_maps.png"  # where melanoma-explain ckpt=RUN writes
+EXPLAIN_TABLE = Path("explain") / "explain.csv"
+OCCLUSION = Path("explain") / "occlusion.json"
 # What a figure may fail on: missing or moved files, configs without a key, a bad checkpoint.
 FIGURE_ERRORS = (OSError, KeyError, TypeError, ValueError, pd.errors.ParserError, MelanomaError)
 
@@ -80,16 +84,33 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
                                   n_views=n_views, names=[classes[int(y)] for y in picks["label"]], title=title)
 
 
+def attention_notes(run: Run) -> list[str]:
+    """What ``melanoma-explain`` measured of where the run's model looks, one line each.
+
+    The Grad-CAM mass on the lesion and in the corners (from ``explain/explain.csv``) and the
+    occlusion test (``explain/occlusion.json``), where the run has them.
+    """
+    notes = []
+    if (run.dir / EXPLAIN_TABLE).is_file():
+        table = pd.read_csv(run.dir / EXPLAIN_TABLE)
+        if {"cam_lesion", "peak"} <= set(table.columns):
+            notes.append(attention_summary(table))
+    if (run.dir / OCCLUSION).is_file():
+        notes.append(occlusion_summary(json.loads((run.dir / OCCLUSION).read_text())))
+    return notes
+
+
 def _activation_figure(run: Run, path: Path) -> None:
-    """melanoma-explain's figure with a caption band naming the data, at its own pixel size."""
+    """melanoma-explain's figure with a caption band naming the data and what the maps show, at its own pixel size."""
     image = imread(run.dir / ACTIVATION_MAPS)
     h, w = image.shape[:2]
-    band = 60  # pixels
+    lines = [f"Grad-CAM activation maps: {caption(run)}", *attention_notes(run)]
+    band = 30 + 30 * len(lines)  # pixels
     fig = Figure(figsize=(w / 150, (h + band) / 150))
     ax = fig.add_axes((0, 0, 1, h / (h + band)))
     ax.imshow(image, interpolation="none")
     ax.axis("off")
-    fig.text(0.5, 1 - band / 2 / (h + band), f"Grad-CAM activation maps: {caption(run)}", ha="center", va="center")
+    fig.text(0.5, 1 - band / 2 / (h + band), "\n".join(lines), ha="center", va="center")
     save_figure(fig, path, tight=False)
 
 

@@ -4,8 +4,9 @@ The sections follow Mitchell et al. (2019), "Model Cards for Model Reporting": m
 intended use, factors, metrics, evaluation data, training data, quantitative analyses, ethical
 considerations, caveats and recommendations; then how to reproduce the run. Every number is read
 from the run's ``metrics.json``, ``config.yaml``, ``audit.json``, ``provenance.json`` and
-``.hydra/overrides.yaml``, and from its newest ``melanoma-eval`` of the test split (see
-:func:`melanoma.reporting.runs.collect`); a section whose file is missing says so instead of guessing.
+``.hydra/overrides.yaml``, from its newest ``melanoma-eval`` of the test split (see
+:func:`melanoma.reporting.runs.collect`) and from ``melanoma-explain``'s occlusion test; a section
+whose file is missing says so instead of guessing.
 ``melanoma-export`` writes one next to every exported model, ``melanoma-report`` one for the best run.
 """
 
@@ -19,6 +20,8 @@ import pandas as pd
 from melanoma.checkpoint import PROVENANCE, atomic_path
 from melanoma.confidence import metrics_with_ci
 from melanoma.errors import DataError
+from melanoma.occlusion import occlusion_summary, shortcut_warning
+from melanoma.reporting.figures import OCCLUSION
 from melanoma.reporting.runs import Run, collect
 from melanoma.reporting.tables import format_interval as _ci
 
@@ -226,6 +229,9 @@ def model_card(run: Run, export: dict | None = None) -> str:
                if r.get("flagged")]
     if flagged:
         caveats.append(f"Sensitivity is below the overall in: {', '.join(flagged)}.")
+    occluded = _read_json(run.dir / OCCLUSION)
+    if occluded and (warning := shortcut_warning(occluded)) is not None:
+        caveats.append(f"{warning[0].upper()}{warning[1:].split('; see ')[0]} ({occlusion_summary(occluded)}).")
     caveats.append("Trained on one source of images; performance on other devices, clinics and populations is "
                    "untested until measured there.")
     lines += ["## Caveats and recommendations", "", *[f"- {c}" for c in caveats], ""]

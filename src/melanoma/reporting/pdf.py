@@ -41,7 +41,13 @@ from melanoma.plots import (
     plot_subgroups,
     read_histories,
 )
-from melanoma.reporting.figures import ACTIVATION_MAPS, FIGURE_ERRORS, augmentation_samples, describe_data
+from melanoma.reporting.figures import (
+    ACTIVATION_MAPS,
+    FIGURE_ERRORS,
+    attention_notes,
+    augmentation_samples,
+    describe_data,
+)
 from melanoma.reporting.runs import Run, Skipped
 from melanoma.reporting.tables import Report, display_rows, format_cell
 
@@ -254,7 +260,10 @@ def _activation_maps(report: Report) -> Figure | Skipped:
     for run in report.runs:
         if (run.dir / ACTIVATION_MAPS).is_file():
             fig = _page(f"Activation maps of {run.label} ({run.metrics.get('model')}), from melanoma-explain")
-            _show(fig.add_axes((0.03, 0.03, 0.94, 0.87)), run.dir / ACTIVATION_MAPS, "")
+            notes = attention_notes(run)
+            _show(fig.add_axes((0.03, 0.03 + 0.04 * len(notes), 0.94, 0.87 - 0.04 * len(notes))),
+                  run.dir / ACTIVATION_MAPS, "")
+            fig.text(0.03, 0.02, "\n\n".join(textwrap.fill(n, 110) for n in notes), fontsize=8, va="bottom")
             return fig
     return Skipped("activation maps", f"no run has {ACTIVATION_MAPS}: run melanoma-explain ckpt={report.runs[0].dir}")
 
