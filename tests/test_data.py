@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from melanoma.data import ImageDataset, load_image, load_records, make_loader, scan_images, split_records
+from melanoma.data import (
+    ImageDataset,
+    load_image,
+    load_records,
+    make_loader,
+    readable_images,
+    scan_images,
+    split_records,
+)
 from melanoma.errors import ConfigError, DataError
 
 CLASSES = ("benign", "malignant")
@@ -159,6 +167,16 @@ def test_dataset_and_loader(tmp_path: Path) -> None:
     order = [torch.cat([y for _, y in make_loader(ds, 2, train=True, num_workers=0, seed=3)]) for _ in range(2)]
     assert torch.equal(order[0], order[1])  # same seed, same shuffle
     assert sum(len(y) for _, y in make_loader(ds, 2, train=True, num_workers=0, seed=3)) == 4  # drop_last
+
+
+def test_readable_images_skip_what_does_not_decode(tmp_path: Path) -> None:
+    good = _jpeg(tmp_path / "in" / "good.jpg", size=(8, 8))
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a jpeg")
+    paths, bad = readable_images(tmp_path / "in")
+    assert paths == [str(good)] and [Path(p).name for p, _ in bad] == ["broken.jpg"]
+    (tmp_path / "in" / "good.jpg").write_bytes(b"nor this")
+    with pytest.raises(DataError, match=r"^none of the images in images=.*in could be read$"):
+        readable_images(tmp_path / "in", "images")
 
 
 def test_balanced_sampler_draws_each_class_equally_often() -> None:

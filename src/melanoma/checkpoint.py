@@ -101,6 +101,19 @@ def write_json(obj: Any, path: str | Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from ``path``; ``{}`` when the file is missing, unreadable or not an object.
+
+    For the optional files of a run directory (``metrics.json``, ``audit.json``, ...), which
+    reports and figures use where present and skip where not.
+    """
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def write_yaml(obj: Any, path: str | Path) -> None:
     """Write plain containers as YAML in their own key order, atomically."""
     with atomic_path(path) as tmp:

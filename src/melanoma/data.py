@@ -330,6 +330,28 @@ def scan_images(paths: list[str], on_bad_file: Literal["error", "skip"] = "error
     return handle_bad_files([(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None], on_bad_file)
 
 
+def readable_images(input_path: str | Path, key: str = "input") -> tuple[list[str], list[tuple[str, str]]]:
+    """The images of a file or folder (:func:`find_images`) that decode; each one that does not is logged.
+
+    Args:
+        input_path: an image or a folder of them.
+        key: the config key that named ``input_path``, for the error.
+
+    Returns:
+        The readable paths, in :func:`find_images`'s order, and ``(path, reason)`` of the skipped ones.
+
+    Raises:
+        DataError: the path holds no image, or none of its images can be read.
+    """
+    paths = find_images(input_path)
+    bad = scan_images(paths, "skip")
+    skipped = {path for path, _ in bad}
+    readable = [path for path in paths if path not in skipped]
+    if not readable:
+        raise DataError(f"none of the images in {key}={input_path} could be read")
+    return readable, bad
+
+
 def handle_bad_files(bad: list[tuple[str, str]], on_bad_file: Literal["error", "skip"]) -> list[tuple[str, str]]:
     """Apply the ``data.on_bad_file`` policy to ``(path, reason)`` pairs found unreadable.
 

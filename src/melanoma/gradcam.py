@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from melanoma.checkpoint import write_csv, write_json
-from melanoma.data import find_images, load_eval_set, load_image, scan_images
+from melanoma.data import load_eval_set, load_image, readable_images
 from melanoma.errors import ConfigError, DataError
 from melanoma.fusion import FusionNet
 from melanoma.inference import load_ensemble, predict_probs, resolve_threshold, run_dir_of
@@ -248,7 +248,7 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         raise ConfigError(f"n={n!r} must be an integer >= 1 (images per class)")
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(SPLITS)}")
-    paths = find_images(input) if input is not None else None
+    paths = readable_images(input)[0] if input is not None else None
     out = Path(out).expanduser() if out is not None else default_out(ckpt)
     ensemble = load_ensemble(ckpt, runtime)
     names = tuple(ensemble.config["data"]["classes"])
@@ -267,10 +267,6 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
             raise ConfigError(f"input={input}: the fused models of {ckpt} also read metadata "
                               f"({', '.join(ensemble.metadata_columns)}); explain the run's own images (leave "
                               "input= out, split=test|train|all), whose manifest holds it")
-        bad = {p for p, _ in scan_images(paths, "skip")}
-        paths = [p for p in paths if p not in bad]
-        if not paths:
-            raise DataError(f"none of the images in input={input} could be read")
         if len(paths) > 2 * n:
             log.info("input holds %d images: explaining %d of them (n=%d, seed=%d)", len(paths), 2 * n, n, seed)
             paths = [paths[i] for i in np.sort(np.random.default_rng(seed).choice(len(paths), 2 * n, replace=False))]

@@ -7,7 +7,6 @@ one colour (``fold_colour``) everywhere, and the pooled or ensemble curve is dra
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
-from melanoma.checkpoint import atomic_path
+from melanoma.checkpoint import atomic_path, read_json
 
 CLASS_NAMES = ("benign", "malignant")
 POOLED = {"color": "black", "linewidth": 2.2, "zorder": 3}  # the ensemble / pooled curve, set apart from folds
@@ -246,7 +245,7 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     """
     run_dir = Path(run_dir)
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / "metrics.json")
     name = _figure_label(run_dir, "trained")
     written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png",
                run_dir / "calibration.png"]
@@ -270,7 +269,7 @@ def plot_run_roc(run_dir: str | Path, path: str | Path, title: str | None = None
     """The out-of-fold ROC of a run (pooled in black, one curve per fold) with its operating point marked."""
     run_dir = Path(run_dir)
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
-    point = _operating_point(_read_json(run_dir / "metrics.json"))
+    point = _operating_point(read_json(run_dir / "metrics.json"))
     curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
     curves |= {f"fold {k}": (part["label"], part["prob"]) for k, part in oof.groupby("fold")}
     plot_roc(curves, path, title or f"ROC curve, out-of-fold\n{_figure_label(run_dir, 'trained')}", point)
@@ -282,16 +281,9 @@ def _operating_point(metrics: dict) -> tuple[str, float] | None:
     return (name, metrics["thresholds"][name]) if name in metrics.get("thresholds", {}) else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _figure_label(folder: Path, verb: str) -> str:
     """``model, run folder`` for a figure's title, from the folder's ``metrics.json``."""
-    metrics = _read_json(folder / "metrics.json")
+    metrics = read_json(folder / "metrics.json")
     model = metrics.get("model") or "model not recorded"
     return f"{model}, {verb} in {folder.name}"
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from melanoma.checkpoint import write_json
 from melanoma.cli import check_overrides
-from melanoma.data import find_images, load_eval_set, scan_images
+from melanoma.data import find_images, load_eval_set, readable_images
 from melanoma.errors import DataError, log_to_file, report_user_errors
 from melanoma.export import SUFFIX, export_ensemble, image_batch, model_description
 from melanoma.inference import Ensemble, find_checkpoints, load_ensemble, predict_paths, run_dir_of
@@ -43,9 +43,7 @@ def _check_images(ensemble: Ensemble, images: str | None, n: int) -> pd.DataFram
             raise DataError(f"images={images}: the run's models are fused with metadata "
                             f"({', '.join(ensemble.metadata_columns)}), which a folder of images lacks; leave images= "
                             "out to check on the run's own data")
-        paths = find_images(images)
-        bad = {p for p, _ in scan_images(paths, "skip")}
-        table = pd.DataFrame({"path": [p for p in paths if p not in bad]})
+        table = pd.DataFrame({"path": readable_images(images, "images")[0]})
     else:
         data = ensemble.config["data"]
         try:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from melanoma.checkpoint import write_csv
 from melanoma.cli import check_overrides
-from melanoma.data import find_images, scan_images
+from melanoma.data import find_images, readable_images
 from melanoma.errors import DataError, log_to_file, report_user_errors
 from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
 from melanoma.runtime import resolve_runtime
@@ -68,11 +68,7 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     name, threshold = resolve_threshold(cfg.threshold, ensemble)
     if warning := ensemble.degenerate_warning(name, threshold):
         log.warning("%s", warning)
-    paths = find_images(cfg.input)
-    bad = {p for p, _ in scan_images(paths, "skip")}
-    paths = [p for p in paths if p not in bad]
-    if not paths:
-        raise DataError(f"none of the images in input={cfg.input} could be read")
+    paths, bad = readable_images(cfg.input)
     metadata = _metadata_of(paths, cfg.metadata, ensemble.metadata_columns)
     probs = predict_paths(ensemble, paths, runtime, cfg.tta, cfg.batch_size, cfg.num_workers, metadata=metadata,
                           source=f"metadata={cfg.metadata}").mean(0)

@@ -12,12 +12,11 @@ whose file is missing says so instead of guessing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from melanoma.checkpoint import PROVENANCE, atomic_path
+from melanoma.checkpoint import PROVENANCE, atomic_path, read_json
 from melanoma.confidence import metrics_with_ci
 from melanoma.errors import DataError
 from melanoma.occlusion import occlusion_summary, shortcut_warning
@@ -27,14 +26,6 @@ from melanoma.reporting.tables import format_interval as _ci
 
 NAME = "MODEL_CARD.md"
 SMALL_TEST = 50  # fewer malignant test images than this: the card says the intervals are wide
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def _f(value: object, spec: str = ".3f") -> str:
@@ -75,8 +66,8 @@ def model_card(run: Run, export: dict | None = None) -> str:
     data, model = config.get("data") or {}, config.get("model") or {}
     trainer, cv = config.get("trainer") or {}, config.get("cv") or {}
     aug, opt, sched = config.get("augmentation") or {}, config.get("optimizer") or {}, config.get("scheduler") or {}
-    audit = _read_json(run.dir / "audit.json")
-    origin = _read_json(run.dir / PROVENANCE)
+    audit = read_json(run.dir / "audit.json")
+    origin = read_json(run.dir / PROVENANCE)
     classes = data.get("classes") or ["benign", "malignant"]
     evaluation = run.evaluation.metrics if run.evaluation else None
     point = m.get("operating_point", "0.5")
@@ -229,7 +220,7 @@ def model_card(run: Run, export: dict | None = None) -> str:
                if r.get("flagged")]
     if flagged:
         caveats.append(f"Sensitivity is below the overall in: {', '.join(flagged)}.")
-    occluded = _read_json(run.dir / OCCLUSION)
+    occluded = read_json(run.dir / OCCLUSION)
     if occluded and (warning := shortcut_warning(occluded)) is not None:
         caveats.append(f"{warning[0].upper()}{warning[1:].split('; see ')[0]} ({occlusion_summary(occluded)}).")
     caveats.append("Trained on one source of images; performance on other devices, clinics and populations is "
