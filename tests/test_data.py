@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,25 @@ def test_dataset_and_loader(tmp_path: Path) -> None:
     order = [torch.cat([y for _, y in make_loader(ds, 2, train=True, num_workers=0, seed=3)]) for _ in range(2)]
     assert torch.equal(order[0], order[1])  # same seed, same shuffle
     assert sum(len(y) for _, y in make_loader(ds, 2, train=True, num_workers=0, seed=3)) == 4  # drop_last
+
+
+LEFT_RUNNING = """
+import sys, torch
+from melanoma.data import make_loader
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self): return 64
+    def __getitem__(self, i): return torch.zeros(2), torch.tensor(0.0)
+batches = iter(make_loader(Numbers(), 4, train=True, num_workers=2, seed=0))
+next(batches)  # workers running at exit, as when an exception's traceback holds the iterator
+sys.exit(3)
+"""
+
+
+def test_an_exit_with_loader_workers_running_does_not_hang() -> None:
+    """Workers ignore SIGTERM, and multiprocessing's exit handler would wait for them forever (a hang seen
+    after SIGTERM in test_resume); melanoma.data kills them at exit instead, quietly."""
+    done = subprocess.run([sys.executable, "-c", LEFT_RUNNING], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr == ""
 
 
 def test_readable_images_skip_what_does_not_decode(tmp_path: Path) -> None:

@@ -6,9 +6,12 @@ training and evaluation never care where the images came from.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import hashlib
 import logging
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler before ours (see _kill_loader_workers)
 import os
 import signal
 import threading
@@ -429,6 +432,29 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.excepthook = _quiet_lost_connection
+
+
+def _kill_loader_workers() -> None:
+    """At exit, stop any daemonic child process, the loader workers, with SIGKILL.
+
+    An exception or a signal can end the main process while a loader's iterator still runs
+    (its traceback holds it). torch then leaves the workers to multiprocessing's exit handler,
+    which sends them SIGTERM and waits: forever, as they ignore SIGTERM
+    (:func:`_ignore_stop_signals`). This handler runs first (atexit calls the last registered
+    first) and kills them outright; they hold nothing that needs saving. torch's SIGCHLD handler,
+    which would report each killed worker as a failure, is set back to the default first.
+    """
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+        child.join(timeout=5)
+
+
+atexit.register(_kill_loader_workers)
 
 
 def balanced_sampler(labels: Sequence[int], generator: torch.Generator, world_size: int = 1) -> WeightedRandomSampler:
