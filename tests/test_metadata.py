@@ -27,7 +27,7 @@ from melanoma.inference import load_ensemble, predict_paths
 from melanoma.metadata import MetadataEncoder, parse_columns
 from melanoma.optim import create_optimizer
 from melanoma.runtime import resolve_runtime
-from melanoma.stacking import fit_stacker
+from melanoma.stacking import fit_stacker, stacker_from_run
 from melanoma.synthetic import generate_dataset
 
 from conftest import TINY, make_config
@@ -208,6 +208,42 @@ def test_stacking_beats_the_image_model_on_metadata_driven_labels(runs: dict[str
     assert list(oof.columns) == ["path", "label", "fold", "prob_image", "prob"]
     assert oof["prob_image"].tolist() == pd.read_csv(runs["none"] / "oof_predictions.csv")["prob"].tolist()
     assert (runs["none"] / "stack" / "test_predictions.csv").is_file()
+
+
+def test_eval_and_predict_apply_the_stacker_to_other_images(runs: dict[str, Path], meta_data: Path,
+                                                           tmp_path: Path) -> None:
+    metrics = evaluate_run(make_config([f"ckpt={runs['none']}", "eval.stack=true", "eval.n_resamples=50",
+                                        "eval.num_workers=0", "eval.dedup=false", "eval.subgroups=false"], "eval"),
+                           tmp_path / "eval")
+    fitted = stacker_from_run(runs["none"])  # refitted from the run's files: the same trees every time
+    assert metrics["stack"]["columns"] == ["age_approx", "sex", "anatom_site"]
+    assert {k: v["threshold"] for k, v in metrics["thresholds"].items()} == fitted.thresholds | {
+        "0.5": 0.5}  # operating points chosen on the stacked OOF predictions
+    assert metrics["promises"]["sens95"]["oof"]["specificity"] == fitted.oof_at_thresholds["sens95"]["specificity"]
+    scored = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    test_set = pd.read_csv(meta_data / "manifest.csv", dtype=str, keep_default_na=False).query("split == 'test'")
+    test_set = test_set.assign(path=[str((meta_data / p).resolve()) for p in test_set["path"]]).set_index("path")
+    rows = test_set.loc[[str(Path(p).resolve()) for p in scored["path"]]].reset_index()
+    expected = fitted.stacker.predict(scored["image_prob"].to_numpy(), rows)
+    assert np.allclose(scored["prob"], expected) and not np.allclose(scored["prob"], scored["image_prob"])
+    difference = metrics["stack"]["difference"]
+    assert difference["auc_b"] == pytest.approx(roc_auc_score(scored["label"], scored["prob"]))
+    assert difference["auc_b"] > difference["auc_a"]  # the label depends on the metadata here
+    folder = meta_data / "test" / "malignant"
+    table = predict_images(make_config([f"ckpt={runs['none']}", f"input={folder}", "num_workers=0", "stack=true",
+                                        f"metadata={meta_data / 'manifest.csv'}"], "predict"), tmp_path / "p")
+    same = scored.set_index("path").loc[table["path"], "prob"].to_numpy()
+    assert np.allclose(table["prob"], same, atol=1e-6)  # predict and eval score an image alike
+    assert len(test_set) == len(scored)
+    with pytest.raises(DataError, match=r"the run's models also read metadata \(age_approx, sex, anatom_site\)"):
+        predict_images(make_config([f"ckpt={runs['none']}", f"input={folder}", "num_workers=0", "stack=true"],
+                                   "predict"), tmp_path / "p2")
+    no_site = tmp_path / "no_site.csv"
+    test_set.reset_index().drop(columns="anatom_site").to_csv(no_site, index=False)
+    with pytest.raises(DataError, match=r"metadata=.*no_site.csv has no metadata column 'anatom_site', which the "
+                                        r"stacked model reads"):
+        predict_images(make_config([f"ckpt={runs['none']}", f"input={folder}", "num_workers=0", "stack=true",
+                                    f"metadata={no_site}"], "predict"), tmp_path / "p3")
 
 
 def test_the_stacked_oof_predictions_are_honest() -> None:

@@ -16,13 +16,20 @@ is ever written or read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from melanoma.metadata import Kind, MetadataEncoder
+from melanoma.checkpoint import CONFIG, read_json
+from melanoma.data import load_records
+from melanoma.errors import DataError
+from melanoma.inference import Ensemble
+from melanoma.metadata import Kind, MetadataEncoder, parse_columns
+from melanoma.metrics import binary_metrics, choose_thresholds
 
 TREE_SETTINGS = {"learning_rate": 0.05, "max_iter": 150, "max_leaf_nodes": 8, "min_samples_leaf": 20,
                  "l2_regularization": 1.0, "early_stopping": False}
@@ -44,8 +51,21 @@ class Stacker:
         """Fold ``k``'s inputs: the image logit, then its encoding of the metadata."""
         return np.column_stack([_logit(probs), self.encoders[k].transform(metadata)])
 
-    def predict(self, probs: np.ndarray, metadata: pd.DataFrame) -> np.ndarray:
-        """The stacked probability of new images: the mean over the fold stackers."""
+    @property
+    def columns(self) -> list[str]:
+        """The metadata columns the trees read besides the image probability."""
+        return list(self.encoders[0].columns)
+
+    def predict(self, probs: np.ndarray, metadata: pd.DataFrame, source: str = "the metadata") -> np.ndarray:
+        """The stacked probability of new images: the mean over the fold stackers.
+
+        Raises:
+            DataError: ``metadata`` (from ``source``) lacks a column the trees read.
+        """
+        missing = [c for c in self.columns if c not in metadata.columns]
+        if missing:
+            raise DataError(f"{source} has no metadata column {missing[0]!r}, which the stacked model reads (it "
+                            f"needs {', '.join(self.columns)}); add the column (empty cells are unknown values)")
         return np.mean([tree.predict_proba(self.features(k, probs, metadata))[:, 1]
                         for k, tree in enumerate(self.trees)], axis=0)
 
@@ -75,3 +95,67 @@ def fit_stacker(oof: pd.DataFrame, columns: Mapping[str, Kind | None], seed: int
         tree.fit(stacker.features(k, train["prob"].to_numpy(), train), train["label"].to_numpy())
         stacked[held] = tree.predict_proba(stacker.features(k, oof["prob"].to_numpy()[held], oof[held]))[:, 1]
     return Stacker(encoders, trees), stacked
+
+
+@dataclass
+class RunStacker:
+    """A training run's stacker, refitted from its files, with what its out-of-fold predictions chose.
+
+    Attributes:
+        stacker: the fold stackers.
+        oof: the run's OOF rows with the metadata, ``prob_image`` (the image model's) and ``prob`` (stacked).
+        thresholds: operating points chosen on the stacked OOF predictions.
+        oof_at_thresholds: the stacked OOF metrics at each of them.
+        seed: ``random_state`` of the trees.
+    """
+
+    stacker: Stacker
+    oof: pd.DataFrame
+    thresholds: dict[str, float]
+    oof_at_thresholds: dict[str, dict]
+    seed: int
+
+    def operating_points_of(self, ensemble: Ensemble) -> Ensemble:
+        """``ensemble`` with this stacker's operating points (chosen on the stacked OOF predictions).
+
+        The models stay the image models; thresholds, their OOF metrics and so the degenerate-point
+        warning and the promise checks become the stacked model's.
+        """
+        return replace(ensemble, thresholds=dict(self.thresholds), oof_at_thresholds=dict(self.oof_at_thresholds))
+
+
+def stacker_from_run(run: str | Path, seed: int | None = None) -> RunStacker:
+    """Refit a training run's stacker from its ``config.yaml``, ``oof_predictions.csv`` and manifest.
+
+    Args:
+        run: a finished ``melanoma-train`` run trained with ``data.metadata``.
+        seed: ``random_state`` of the trees; ``None`` is the one ``melanoma-stack`` recorded in
+            ``RUN/stack/metrics.json``, else 0. The same seed refits the same trees.
+
+    Raises:
+        DataError: the run lacks its files, was trained without metadata, or its data moved.
+    """
+    run = Path(run)
+    if not (run / CONFIG).is_file() or not (run / "oof_predictions.csv").is_file():
+        raise DataError(f"{run} holds no finished melanoma-train run ({CONFIG} and oof_predictions.csv); point "
+                        "at one")
+    data = yaml.safe_load((run / CONFIG).read_text())["data"]
+    columns = parse_columns(data.get("metadata") or [])
+    if not columns:
+        raise DataError(f"{run} was trained without metadata; train with data=csv data.metadata=[age_approx,sex] "
+                        "(model.fusion=none is enough: stacking adds the metadata to the image model)")
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data["manifest"],
+                           columns=list(columns))
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    absent = sorted(set(oof["path"]) - set(records["path"]))
+    if absent:
+        raise DataError(f"{data['manifest']} no longer lists {absent[0]} ({len(absent)} of the run's {len(oof)} "
+                        "images): the data moved since training; stack where the run's data is")
+    if seed is None:
+        seed = int((read_json(run / "stack" / "metrics.json").get("settings") or {}).get("random_state", 0))
+    oof = oof.merge(records[["path", *columns]], on="path", how="left", validate="one_to_one")
+    stacker, stacked = fit_stacker(oof, columns, seed)
+    oof = oof.assign(prob_image=oof["prob"], prob=stacked)
+    thresholds = choose_thresholds(oof["label"], stacked)
+    return RunStacker(stacker, oof, thresholds,
+                      {name: binary_metrics(oof["label"], stacked, t) for name, t in thresholds.items()}, seed)

@@ -21,14 +21,16 @@ from melanoma import skin_tone
 from melanoma.audit import train_duplicates
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.cli import check_overrides
+from melanoma.compare import paired_auc_difference
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, held_promises, metrics_with_ci
 from melanoma.data import load_eval_set, training_images
 from melanoma.errors import DataError, report_user_errors
-from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
+from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold, run_dir_of
 from melanoma.metadata import parse_columns
 from melanoma.plots import plot_evaluation, plot_subgroups
 from melanoma.reporting.tables import format_interval
 from melanoma.runtime import resolve_runtime
+from melanoma.stacking import stacker_from_run
 from melanoma.subgroups import card_table, report_card, subgroup_columns
 
 log = logging.getLogger("melanoma.evaluate")
@@ -61,11 +63,15 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     # null keys (and the empty data.metadata an override group brings) fall back to the run's own values
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v not in (None, [])}
     data = ensemble.config["data"] | overrides
+    stacked = stacker_from_run(run_dir_of(cfg.ckpt)) if cfg.eval.stack else None
+    if stacked is not None:  # the stacked model's operating points, chosen on its own OOF predictions
+        ensemble = stacked.operating_points_of(ensemble)
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
         log.warning("%s", warning)
     subgroup_meta = _subgroup_metadata(data) if cfg.eval.subgroups else {}
-    columns = list(dict.fromkeys([*ensemble.metadata_columns, *subgroup_meta]))
+    columns = list(dict.fromkeys([*ensemble.metadata_columns, *(stacked.stacker.columns if stacked else []),
+                                  *subgroup_meta]))
     eval_set, bad = load_eval_set(data, cfg.eval.split, columns=columns)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
@@ -75,6 +81,15 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     predictions = eval_set.assign(prob=per_model.mean(0))
     for path, probs in zip(ensemble.paths, per_model, strict=True):
         predictions[f"prob_{path.parent.name if path.name == 'best.pt' else path.stem}"] = probs
+    stack = None
+    if stacked is not None:  # image_prob, not prob_*: those columns are the fold models'
+        predictions["image_prob"] = predictions["prob"]
+        predictions["prob"] = stacked.stacker.predict(predictions["image_prob"].to_numpy(), eval_set,
+                                                      str(data.get("manifest")))
+        stack = {"columns": stacked.stacker.columns, "seed": stacked.seed,
+                 "difference": paired_auc_difference(predictions["label"], predictions["image_prob"],
+                                                     predictions["prob"], cfg.eval.n_resamples, cfg.eval.level,
+                                                     cfg.eval.seed)}
 
     thresholds = dict(ensemble.thresholds) | {chosen_name: chosen}
     results = metrics_with_ci(predictions["label"], predictions["prob"], thresholds, cfg.eval.prevalence,
@@ -126,6 +141,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         "unavailable": unavailable,
         "dedup": dedup,
         "subgroups": card,
+        "stack": stack,
     }
     write_json(metrics, out_dir / "metrics.json")
     plot_evaluation(out_dir, chosen, chosen_name)
@@ -133,6 +149,11 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         plot_subgroups(pd.read_csv(out_dir / "subgroups.csv"), card["overall"], out_dir / "subgroups.png",
                        f"Subgroups at the {chosen_name} threshold {chosen:.3g}, {cfg.eval.level:.0%} CIs\n"
                        f"{metrics['model']}, {out_dir.name}")
+    if stack is not None:
+        d = stack["difference"]
+        print(f"stacked on {', '.join(stack['columns'])}: image AUC {d['auc_a']:.4f}, stacked {d['auc_b']:.4f}, "
+              f"difference {format_interval(d['difference'], '+.4f')} (paired bootstrap; DeLong p = "
+              f"{d['delong']['p_value']:.3g}); the metrics below are the stacked model's")
     print(f"\n{len(ensemble.models)}-model ensemble on {len(predictions)} images "
           f"({metrics['n_positive']} malignant), tta={cfg.eval.tta}, {cfg.eval.level:.0%} bootstrap CIs; "
           f"PPV/NPV at prevalence {cfg.eval.prevalence:g}:")

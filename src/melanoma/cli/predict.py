@@ -22,8 +22,9 @@ from melanoma.checkpoint import write_csv
 from melanoma.cli import check_overrides
 from melanoma.data import find_images, readable_images
 from melanoma.errors import DataError, log_to_file, report_user_errors
-from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold
+from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold, run_dir_of
 from melanoma.runtime import resolve_runtime
+from melanoma.stacking import stacker_from_run
 
 log = logging.getLogger("melanoma.predict")
 
@@ -65,13 +66,19 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     ensemble = load_ensemble(cfg.ckpt, runtime)
+    stacked = stacker_from_run(run_dir_of(cfg.ckpt)) if cfg.stack else None
+    if stacked is not None:  # the stacked model's operating points, chosen on its own OOF predictions
+        ensemble = stacked.operating_points_of(ensemble)
     name, threshold = resolve_threshold(cfg.threshold, ensemble)
     if warning := ensemble.degenerate_warning(name, threshold):
         log.warning("%s", warning)
     paths, bad = readable_images(cfg.input)
-    metadata = _metadata_of(paths, cfg.metadata, ensemble.metadata_columns)
+    columns = list(dict.fromkeys([*ensemble.metadata_columns, *(stacked.stacker.columns if stacked else [])]))
+    metadata = _metadata_of(paths, cfg.metadata, columns)
     probs = predict_paths(ensemble, paths, runtime, cfg.tta, cfg.batch_size, cfg.num_workers, metadata=metadata,
                           source=f"metadata={cfg.metadata}").mean(0)
+    if stacked is not None:
+        probs = stacked.stacker.predict(probs, metadata, f"metadata={cfg.metadata}")
     classes = ensemble.config["data"]["classes"]
     table = pd.DataFrame({"path": paths, "prob": probs})
     table["decision"] = [classes[1] if p >= threshold else classes[0] for p in probs]

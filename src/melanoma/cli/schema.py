@@ -138,7 +138,7 @@ AUDIT = {"enabled": FLAG, "threshold": integer(0, 143), "workers": integer(1) | 
 EVAL = {"split": choice(*DATA_SPLITS, "all"), "tta": choice(*TTAS), "threshold": THRESHOLD | NULL,
         "prevalence": number(0, 1, lo_open=True, hi_open=True), "n_resamples": integer(0), "level":
         number(0, 1, lo_open=True, hi_open=True), "seed": integer(0), "batch_size": integer(1),
-        "num_workers": WORKERS, "dedup": FLAG, "subgroups": FLAG}
+        "num_workers": WORKERS, "dedup": FLAG, "subgroups": FLAG, "stack": FLAG}
 LOGGER = {  # logger=[a,b]: each chosen backend's group (melanoma.tracking)
     "csv": {"dir": TEXT | NULL}, "tensorboard": {"log_dir": TEXT | NULL},
     "mlflow": {"tracking_uri": TEXT, "artifact_location": TEXT | NULL, "experiment_name": TEXT, "run_name": TEXT | NULL,
@@ -157,7 +157,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     # melanoma-eval: a null data key is the training run's own value.
     "eval": {"ckpt": TEXT, "data": {key: rule | NULL for key, rule in DATA.items()}, "eval": EVAL, "trainer": RUNTIME,
              "audit": AUDIT},
-    "predict": {"ckpt": TEXT, "input": TEXT, "threshold": THRESHOLD | NULL, "tta": choice(*TTAS),
+    "predict": {"ckpt": TEXT, "input": TEXT, "threshold": THRESHOLD | NULL, "tta": choice(*TTAS), "stack": FLAG,
                 "batch_size": integer(1), "num_workers": WORKERS, "metadata": TEXT | NULL, "trainer": RUNTIME},
     "export": {"ckpt": TEXT, "format": choice(*FORMATS), "tta": choice(*TTAS), "out": TEXT | NULL,
                "images": TEXT | NULL, "n_images": integer(2), "tolerance": number(0, lo_open=True)},

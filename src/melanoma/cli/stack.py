@@ -14,20 +14,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from melanoma.checkpoint import CONFIG, write_csv, write_json
 from melanoma.cli import argument_parser
 from melanoma.compare import paired_auc_difference
 from melanoma.confidence import metrics_with_ci
-from melanoma.data import load_eval_set, load_records
+from melanoma.data import load_eval_set
 from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import load_ensemble, predict_paths
-from melanoma.metadata import parse_columns
-from melanoma.metrics import binary_metrics, choose_thresholds
+from melanoma.metrics import binary_metrics
 from melanoma.runtime import resolve_runtime
-from melanoma.stacking import TREE_SETTINGS, fit_stacker
+from melanoma.stacking import TREE_SETTINGS, stacker_from_run
 
 
 def stack_run(run: Path, test: bool = True, device: str = "auto", n_resamples: int = 1000, seed: int = 0) -> dict:
@@ -39,35 +37,20 @@ def stack_run(run: Path, test: bool = True, device: str = "auto", n_resamples: i
     Raises:
         DataError: the run lacks its files or was trained without ``data.metadata``.
     """
-    if not (run / CONFIG).is_file() or not (run / "oof_predictions.csv").is_file():
-        raise DataError(f"{run} holds no finished melanoma-train run ({CONFIG} and oof_predictions.csv); point "
-                        "melanoma-stack at one")
-    config = yaml.safe_load((run / CONFIG).read_text())
-    data = config["data"]
-    columns = parse_columns(data.get("metadata") or [])
-    if not columns:
-        raise DataError(f"{run} was trained without metadata; train with data=csv data.metadata=[age_approx,sex] "
-                        "(model.fusion=none is enough: stacking adds the metadata to the image model)")
-    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data["manifest"],
-                           columns=list(columns))
-    oof = pd.read_csv(run / "oof_predictions.csv")
-    absent = sorted(set(oof["path"]) - set(records["path"]))
-    if absent:
-        raise DataError(f"{data['manifest']} no longer lists {absent[0]} ({len(absent)} of the run's {len(oof)} "
-                        "images): the data moved since training; stack where the run's data is")
-    oof = oof.merge(records[["path", *columns]], on="path", how="left", validate="one_to_one")
-    stacker, stacked = fit_stacker(oof, columns, seed)
-    thresholds = choose_thresholds(oof["label"], stacked)
+    fitted = stacker_from_run(run, seed)
+    stacker, oof, thresholds = fitted.stacker, fitted.oof, fitted.thresholds
+    data = yaml.safe_load((run / CONFIG).read_text())["data"]
+    columns = stacker.columns
     out = run / "stack"
-    write_csv(oof[["path", "label", "fold"]].assign(prob_image=oof["prob"], prob=stacked), out / "oof_predictions.csv")
+    write_csv(oof[["path", "label", "fold", "prob_image", "prob"]], out / "oof_predictions.csv")
     metrics = {
-        "run": str(run), "columns": {k: v for k, v in stacker.encoders[0].columns.items()},
+        "run": str(run), "columns": dict(stacker.encoders[0].columns),
         "trees": "sklearn HistGradientBoostingClassifier", "settings": TREE_SETTINGS | {"random_state": seed},
-        "oof": binary_metrics(oof["label"], stacked, 0.5),
-        "oof_image": binary_metrics(oof["label"], oof["prob"], 0.5),
-        "oof_difference": paired_auc_difference(oof["label"], oof["prob"], stacked, n_resamples, seed=seed),
+        "oof": binary_metrics(oof["label"], oof["prob"], 0.5),
+        "oof_image": binary_metrics(oof["label"], oof["prob_image"], 0.5),
+        "oof_difference": paired_auc_difference(oof["label"], oof["prob_image"], oof["prob"], n_resamples, seed=seed),
         "thresholds": thresholds,
-        "oof_at_thresholds": {name: binary_metrics(oof["label"], stacked, t) for name, t in thresholds.items()},
+        "oof_at_thresholds": fitted.oof_at_thresholds,
         "test": None,
     }
     if test and (data["layout"] != "folder"):
@@ -81,7 +64,7 @@ def stack_run(run: Path, test: bool = True, device: str = "auto", n_resamples: i
             ensemble = load_ensemble(run, runtime)
             image = predict_paths(ensemble, test_set["path"].tolist(), runtime, num_workers=0, metadata=test_set,
                                   source=str(data["manifest"])).mean(0)
-            probs = stacker.predict(image, test_set)
+            probs = stacker.predict(image, test_set, str(data["manifest"]))
             write_csv(test_set[["path", "label"]].assign(prob_image=image, prob=probs), out / "test_predictions.csv")
             results = metrics_with_ci(test_set["label"], probs, thresholds, n_resamples=n_resamples, seed=seed)
             metrics["test"] = {"n_images": int(len(test_set)), "thresholds": results,
