@@ -51,7 +51,7 @@ def test_cross_validate_with_plain_arguments(tiny_data: Path, tmp_path: Path, mo
                         tmp_path, optimizer=OptimizerSettings("adam", lr=1e-3), schedule=ScheduleSettings(),
                         train=TrainSettings(epochs=1, deterministic=True),
                         loader=LoaderSettings(batch_size=16, balanced=True), seed=3, config={"note": "a notebook run"})
-    assert samplers == ["WeightedRandomSampler", "SequentialSampler"] * 2
+    assert samplers == ["BalancedSampler", "SequentialSampler"] * 2
     assert len(cv.folds) == 2 and [f["fold"] for f in cv.folds] == [0, 1] and len(cv.temperatures) == 2
     assert sorted(cv.oof["path"]) == sorted(records["path"])  # every image predicted once ...
     assert np.array_equal(cv.oof.sort_index()["fold"].to_numpy(), fold_of)  # ... by the model that never saw it

@@ -234,8 +234,9 @@ def test_eval_and_predict_apply_the_stacker_to_other_images(runs: dict[str, Path
                                         f"metadata={meta_data / 'manifest.csv'}"], "predict"), tmp_path / "p")
     same = scored.set_index("path").loc[table["path"], "prob"].to_numpy()
     assert np.allclose(table["prob"], same, atol=1e-6)  # predict and eval score an image alike
+    assert np.allclose(table["image_prob"], scored.set_index("path").loc[table["path"], "image_prob"], atol=1e-6)
     assert len(test_set) == len(scored)
-    with pytest.raises(DataError, match=r"the run's models also read metadata \(age_approx, sex, anatom_site\)"):
+    with pytest.raises(DataError, match=r"the run's stacked trees also read metadata \(age_approx, sex, anatom_site\)"):
         predict_images(make_config([f"ckpt={runs['none']}", f"input={folder}", "num_workers=0", "stack=true"],
                                    "predict"), tmp_path / "p2")
     no_site = tmp_path / "no_site.csv"

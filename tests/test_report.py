@@ -55,7 +55,8 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     metrics = json.loads((newer / "metrics.json").read_text())
     (newer / "metrics.json").write_text(json.dumps(metrics | {"ckpt": "sweep/0/fold1/best.pt"}))
     for name, change in (("eval_train_split", {"split": "train"}), ("eval_one_fold", {"models": ["fold0/best.pt"]}),
-                         ("eval_other_data", {"data": {"layout": "folder", "root": "/elsewhere"}})):
+                         ("eval_other_data", {"data": {"layout": "folder", "root": "/elsewhere"}}),
+                         ("eval_stacked", {"stack": {"columns": ["age_approx"]}})):
         other = shutil.copytree(extra / "eval_old", extra / name)  # newer, yet none is the run's test result
         (other / "metrics.json").write_text(json.dumps(json.loads((other / "metrics.json").read_text()) | change))
     (root / "empty").mkdir()
@@ -121,6 +122,7 @@ def test_skipped_inputs_are_listed_with_the_reason(runs: Path, report) -> None:
     assert reasons["eval_old"].startswith("evaluation superseded")
     assert "split=train" in reasons["eval_train_split"] and "1 of the run's 2 fold models" in reasons["eval_one_fold"]
     assert "other data (/elsewhere" in reasons["eval_other_data"]
+    assert "it scored the stacked model (eval.stack=true)" in reasons["eval_stacked"]
     assert reasons["activation maps"] == ("no run has explain/activation_maps.png: "
                                           f"run melanoma-explain ckpt={report.runs[0].dir}")
     assert "heat map" not in reasons  # 2 learning rates x 2 batch sizes

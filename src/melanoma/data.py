@@ -6,16 +6,15 @@ training and evaluation never care where the images came from.
 
 from __future__ import annotations
 
-import atexit
 import difflib
 import hashlib
 import logging
 import multiprocessing
-import multiprocessing.util  # registers multiprocessing's exit handler before ours (see _kill_loader_workers)
+import multiprocessing.util
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from melanoma.errors import ConfigError, DataError
 from melanoma.synthetic import generate_dataset
@@ -440,9 +439,12 @@ def _kill_loader_workers() -> None:
     An exception or a signal can end the main process while a loader's iterator still runs
     (its traceback holds it). torch then leaves the workers to multiprocessing's exit handler,
     which sends them SIGTERM and waits: forever, as they ignore SIGTERM
-    (:func:`_ignore_stop_signals`). This handler runs first (atexit calls the last registered
-    first) and kills them outright; they hold nothing that needs saving. torch's SIGCHLD handler,
-    which would report each killed worker as a failure, is set back to the default first.
+    (:func:`_ignore_stop_signals`). This runs inside that handler, before its wait (a finalizer
+    of priority 100; so also in a Hydra joblib worker process that imported this module), and
+    kills them outright: they hold nothing that needs saving. torch's SIGCHLD handler, which would
+    report each killed worker as a failure, is set back to the default first. No other daemonic
+    child exists in this package; a ``multiprocessing.Pool`` alive at exit would lose its workers
+    the same way.
     """
     workers = [child for child in multiprocessing.active_children() if child.daemon]
     if not workers:
@@ -454,27 +456,43 @@ def _kill_loader_workers() -> None:
         child.join(timeout=5)
 
 
-atexit.register(_kill_loader_workers)
+multiprocessing.util.Finalize(None, _kill_loader_workers, exitpriority=100)
 
 
-def balanced_sampler(labels: Sequence[int], generator: torch.Generator, world_size: int = 1) -> WeightedRandomSampler:
+class BalancedSampler(Sampler[int]):
     """Draw images with replacement so that each class is drawn equally often on average.
 
     An epoch keeps its length (``len(labels) / world_size`` draws per rank), so the schedule's
     steps do not change; a rare image is seen several times an epoch, a common one not every
-    epoch. The draws come from ``generator``: the loader's own, whose state every checkpoint
-    keeps, so a resumed run draws what an uninterrupted one would.
+    epoch. Like torch's ``DistributedSampler``, the draws of an epoch depend only on ``seed``, the
+    rank and the epoch (:meth:`set_epoch`, which the training loop calls), so a resumed run draws
+    what an uninterrupted one would and each torchrun rank draws its own share.
 
     Raises:
         ConfigError: a class has no image to draw.
     """
-    labels = np.asarray(labels, dtype=int)
-    counts = np.bincount(labels, minlength=2)
-    if (counts == 0).any():
-        raise ConfigError(f"data.sampler=balanced needs images of both classes in every training fold "
-                          f"(counts {counts.tolist()}); use data.sampler=shuffle")
-    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-    return WeightedRandomSampler(weights, -(-len(labels) // world_size), replacement=True, generator=generator)
+
+    def __init__(self, labels: Sequence[int], seed: int, rank: int = 0, world_size: int = 1) -> None:
+        labels = np.asarray(labels, dtype=int)
+        counts = np.bincount(labels, minlength=2)
+        if (counts == 0).any():
+            raise ConfigError(f"data.sampler=balanced needs images of both classes in every training fold "
+                              f"(counts {counts.tolist()}); use data.sampler=shuffle")
+        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        self.num_samples = -(-len(labels) // world_size)
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the images of ``epoch`` next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        mixed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(mixed)
+        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
@@ -487,13 +505,12 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     from epoch to epoch; turn them off to make a resumed run repeat an uninterrupted one.
     Under torchrun (``world_size > 1``) a training loader shards with a ``DistributedSampler``.
     With ``balanced`` a training loader draws each class equally often instead
-    (see :func:`balanced_sampler`); it needs the dataset's ``labels``.
+    (:class:`BalancedSampler`); it needs the dataset's ``labels``.
     """
-    # Under torchrun each rank draws its own balanced sample, so its generator differs by rank.
-    generator = torch.Generator().manual_seed(seed + (rank if train and balanced else 0))
+    generator = torch.Generator().manual_seed(seed)
     sampler: Sampler | None = None
     if train and balanced:
-        sampler = balanced_sampler(dataset.labels, generator, world_size)
+        sampler = BalancedSampler(dataset.labels, seed, rank, world_size)
     elif train and world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return DataLoader(

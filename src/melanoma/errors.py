@@ -60,7 +60,19 @@ class _Stopped(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
+def quiet_worker_deaths() -> None:
+    """Stop torch reporting loader workers that die: called when a stop signal arrives.
+
+    A signal to the process group also reaches loader workers that started an instant before and
+    have not yet set themselves to ignore it; they die of it, which torch's SIGCHLD handler would
+    report as a failure (a traceback on the way out). On the way out that death is expected.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def _raise_stopped(signum: int, frame: object) -> None:
+    quiet_worker_deaths()
     raise _Stopped()
 
 
@@ -88,6 +100,7 @@ def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: 
         log_to_file(prog, logging.ERROR, f"{prog}: error: {exc}")
         raise SystemExit(2) from None
     except KeyboardInterrupt as exc:
+        quiet_worker_deaths()
         signum = getattr(exc, "signum", signal.SIGINT)
         message = (f"{prog}: interrupted by {signal.Signals(signum).name}; every file it finished is complete "
                    "(written atomically), the rest was not written: run it again")

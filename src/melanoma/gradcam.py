@@ -149,7 +149,7 @@ def attention_shares(rgb: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
     """Where each Grad-CAM map puts its mass: on the lesion, in the corners, and where it peaks.
 
     The lesion is the darker part of the skin (:func:`melanoma.skin_tone.split_lesion`, Otsu's
-    threshold on L*); the corners are :func:`corner_mask`. A map that looked everywhere alike would
+    threshold on L*) outside the corners, which are :func:`corner_mask`. A map that looked everywhere alike would
     put ``lesion_area`` of its mass on the lesion and ``corner_area`` in the corners, so a model
     that uses the lesion has ``cam_lesion`` well above ``lesion_area``, and one that uses the
     vignette or borders has ``cam_corners`` above ``corner_area``.
@@ -167,7 +167,7 @@ def attention_shares(rgb: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
     lab = rgb_to_lab(torch.as_tensor(np.ascontiguousarray(rgb), dtype=torch.float32).permute(0, 3, 1, 2))
     rows = []
     for image, cam in zip(lab, maps, strict=True):
-        lesion = split_lesion(image)[1].numpy()
+        lesion = split_lesion(image)[1].numpy() & ~corners  # the two regions are disjoint: a corner is a corner
         total = float(cam.sum())
         peak = np.unravel_index(np.argmax(cam), cam.shape)
         where = "none" if total <= 0 else "corner" if corners[peak] else "lesion" if lesion[peak] else "skin"
@@ -232,12 +232,13 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         threshold: decision threshold: a run's operating point name or a number; ``None`` is the
             run's operating point.
         out: output folder; ``None`` is ``RUN_DIR/explain``.
-        occlusion: also score every image of the split with its corners, then its centre, hidden
+        occlusion: also score every image of the test split with its corners, then its centre, hidden
             (:func:`melanoma.occlusion.occlusion_test`) and write ``occlusion.json``; only for the
-            run's own, labelled images.
+            run's own held-out test split (``split=test``, not ``input=``).
 
     Returns:
-        The ``explain.csv`` table: ``path, label`` (empty when unknown), ``prob``, ``pred``.
+        The ``explain.csv`` table: ``path, label`` (empty when unknown), ``prob``, ``pred``, and where
+        each map lies (:func:`attention_shares`).
 
     Raises:
         ConfigError: ``n`` below 1, an unknown split or threshold, or a non-convolutional model.
@@ -311,11 +312,17 @@ def explain(ckpt: str | Path, runtime: Runtime, input: str | Path | None = None,
         log.warning("the maps put more of their mass in the image corners than a uniform map would (%.2f > %.2f): "
                     "the model may read the dermoscope's vignette or the borders instead of the lesion; look at "
                     "%s", table["cam_corners"].mean(), table["corner_area"].mean(), out / "activation_maps.png")
-    if occlusion and paths is None:
+    # Only held-out images say what the model needs: the folds trained on the others (and a folder has no split).
+    held_out = paths is None and split == "test" and data["layout"] != "folder"
+    if occlusion and held_out:
         result = occlusion_test(ensemble, records, runtime, ensemble.encode(records, str(data.get("manifest"))),
                                 seed=seed)
-        write_json({"split": split, **result}, out / "occlusion.json")
+        write_json({"ckpt": str(ckpt), "split": split, **result}, out / "occlusion.json")
         print(occlusion_summary(result))
         if (warning := shortcut_warning(result)) is not None:
             log.warning(warning)
+    else:
+        if occlusion:
+            log.info("no occlusion test: it needs the run's held-out test split (split=test, a layout with one)")
+        (out / "occlusion.json").unlink(missing_ok=True)  # an older one would describe other maps
     return table

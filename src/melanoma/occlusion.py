@@ -5,7 +5,8 @@ itself: each image of a labelled split is scored by the fold ensemble as it is, 
 **corners** hidden (the pixels outside the ellipse inscribed in the image, where a dermoscope's
 vignette, rulers and the photograph's borders lie: :func:`corner_mask`), and with
 its **centre** hidden (inside that ellipse, where the lesion is). A hidden region is set to the
-training data's mean colour (0 after normalisation). The AUC lost to each, paired image by image
+mean colour of the model's normalisation (0 after it; ImageNet's mean for ImageNet weights). The
+AUC lost to each, paired image by image
 (:func:`melanoma.compare.paired_auc_difference`), says how much the model relied on it: a model
 of lesions loses much to the centre and little to the corners; a model that learnt a shortcut
 loses to the corners too. Hiding a region also shows the model an image unlike its training
@@ -42,7 +43,7 @@ def corner_mask(height: int, width: int) -> np.ndarray:
 
 
 class _Hide:
-    """The eval transform, then a region of the normalised image set to 0 (the training mean colour)."""
+    """The eval transform, then a region of the normalised image set to 0 (the normalisation's mean colour)."""
 
     def __init__(self, transform: Callable, region: str | None) -> None:
         self.transform, self.region = transform, region
@@ -106,9 +107,10 @@ def occlusion_summary(result: dict) -> str:
 
 def shortcut_warning(result: dict) -> str | None:
     """A warning when hiding the corners costs AUC beyond the bootstrap CI, else ``None``."""
-    d = result["difference"]["corners"]["difference"]
-    if d["ci"] is None or d["ci"][1] >= 0:
+    d = ((result.get("difference") or {}).get("corners") or {}).get("difference") or {}
+    if not d.get("ci") or d["ci"][1] >= 0:
         return None
-    return (f"hiding the image corners ({result['corner_area']:.0%} of the image: vignette, rulers, borders) costs "
-            f"{-d['value']:.3f} AUC (CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): the model reads the lesion's "
+    area = result.get("corner_area", 0.215)
+    return (f"hiding the image corners ({area:.0%} of the image: vignette, rulers, borders) costs {-d['value']:.3f}"
+            f" AUC (CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}): the model reads the lesion's "
             "surroundings, a possible shortcut; see docs/reports.md#is-the-model-looking-at-the-lesion")

@@ -56,16 +56,20 @@ class Stacker:
         """The metadata columns the trees read besides the image probability."""
         return list(self.encoders[0].columns)
 
+    def check_columns(self, metadata: pd.DataFrame, source: str = "the metadata") -> None:
+        """Raise a :class:`DataError` naming the first column the trees read that ``metadata`` lacks."""
+        missing = [c for c in self.columns if c not in metadata.columns]
+        if missing:
+            raise DataError(f"{source} has no metadata column {missing[0]!r}, which the stacked model reads (it "
+                            f"needs {', '.join(self.columns)}); add the column (empty cells are unknown values)")
+
     def predict(self, probs: np.ndarray, metadata: pd.DataFrame, source: str = "the metadata") -> np.ndarray:
         """The stacked probability of new images: the mean over the fold stackers.
 
         Raises:
             DataError: ``metadata`` (from ``source``) lacks a column the trees read.
         """
-        missing = [c for c in self.columns if c not in metadata.columns]
-        if missing:
-            raise DataError(f"{source} has no metadata column {missing[0]!r}, which the stacked model reads (it "
-                            f"needs {', '.join(self.columns)}); add the column (empty cells are unknown values)")
+        self.check_columns(metadata, source)
         return np.mean([tree.predict_proba(self.features(k, probs, metadata))[:, 1]
                         for k, tree in enumerate(self.trees)], axis=0)
 

@@ -29,7 +29,8 @@ from melanoma.stacking import stacker_from_run
 log = logging.getLogger("melanoma.predict")
 
 
-def _metadata_of(paths: list[str], csv: str | None, columns: list[str]) -> pd.DataFrame | None:
+def _metadata_of(paths: list[str], csv: str | None, columns: list[str], reader: str = "the run's models"
+                 ) -> pd.DataFrame | None:
     """The metadata rows of ``paths`` (in order) from ``csv`` (``path`` + columns, relative paths from its folder).
 
     Raises:
@@ -40,7 +41,7 @@ def _metadata_of(paths: list[str], csv: str | None, columns: list[str]) -> pd.Da
             log.info("metadata=%s is not used: the run's models read images only", csv)
         return None
     if csv is None:
-        raise DataError(f"the run's models also read metadata ({', '.join(columns)}); pass metadata=CSV with a path "
+        raise DataError(f"{reader} also read metadata ({', '.join(columns)}); pass metadata=CSV with a path "
                         "column and those columns for the images (empty cells are unknown values)")
     source = Path(csv).expanduser()
     if not source.is_file():
@@ -74,16 +75,23 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         log.warning("%s", warning)
     paths, bad = readable_images(cfg.input)
     columns = list(dict.fromkeys([*ensemble.metadata_columns, *(stacked.stacker.columns if stacked else [])]))
-    metadata = _metadata_of(paths, cfg.metadata, columns)
+    metadata = _metadata_of(paths, cfg.metadata, columns,
+                            "the run's models" if ensemble.metadata_columns else "the run's stacked trees")
+    if stacked is not None:  # a missing column is found before any image is scored
+        stacked.stacker.check_columns(metadata, f"metadata={cfg.metadata}")
     probs = predict_paths(ensemble, paths, runtime, cfg.tta, cfg.batch_size, cfg.num_workers, metadata=metadata,
                           source=f"metadata={cfg.metadata}").mean(0)
+    image_probs = probs
     if stacked is not None:
         probs = stacked.stacker.predict(probs, metadata, f"metadata={cfg.metadata}")
     classes = ensemble.config["data"]["classes"]
     table = pd.DataFrame({"path": paths, "prob": probs})
+    if stacked is not None:
+        table["image_prob"] = image_probs
     table["decision"] = [classes[1] if p >= threshold else classes[0] for p in probs]
     write_csv(table, out_dir / "predictions.csv")
-    summary = (f"{len(table)} images scored ({len(bad)} unreadable skipped), {int((probs >= threshold).sum())} "
+    how = f"stacked on {', '.join(stacked.stacker.columns)}, " if stacked is not None else ""
+    summary = (f"{len(table)} images scored ({how}{len(bad)} unreadable skipped), {int((probs >= threshold).sum())} "
                f"called {classes[1]} at the {name} threshold {threshold:.4f} of {cfg.ckpt} (tta={cfg.tta}); "
                f"wrote {out_dir / 'predictions.csv'}")
     print(summary)

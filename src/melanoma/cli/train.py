@@ -42,7 +42,7 @@ from melanoma.crossval import (
     write_results,
 )
 from melanoma.data import load_records, resolve_num_workers, split_records
-from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, report_user_errors
+from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, quiet_worker_deaths, report_user_errors
 from melanoma.folds import make_folds, merge_groups
 from melanoma.metadata import parse_columns
 from melanoma.metrics import degenerate_operating_point, objective
@@ -229,6 +229,7 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    quiet_worker_deaths()
     raise TrainingInterrupted(signal.Signals(signum).name)
 
 

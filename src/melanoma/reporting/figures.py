@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -91,11 +93,11 @@ def attention_notes(run: Run) -> list[str]:
     occlusion test (``explain/occlusion.json``), where the run has them.
     """
     notes = []
-    if (run.dir / EXPLAIN_TABLE).is_file():
+    with contextlib.suppress(FIGURE_ERRORS):  # missing, or from an older melanoma-explain: no note
         table = pd.read_csv(run.dir / EXPLAIN_TABLE)
-        if {"cam_lesion", "peak"} <= set(table.columns):
+        if {"cam_lesion", "lesion_area", "cam_corners", "corner_area", "peak"} <= set(table.columns):
             notes.append(attention_summary(table))
-    if (run.dir / OCCLUSION).is_file():
+    with contextlib.suppress(FIGURE_ERRORS):
         notes.append(occlusion_summary(json.loads((run.dir / OCCLUSION).read_text())))
     return notes
 
@@ -104,7 +106,9 @@ def _activation_figure(run: Run, path: Path) -> None:
     """melanoma-explain's figure with a caption band naming the data and what the maps show, at its own pixel size."""
     image = imread(run.dir / ACTIVATION_MAPS)
     h, w = image.shape[:2]
-    lines = [f"Grad-CAM activation maps: {caption(run)}", *attention_notes(run)]
+    width = max(60, int(w / 9))  # characters that fit at the caption's font size
+    lines = [part for line in [f"Grad-CAM activation maps: {caption(run)}", *attention_notes(run)]
+             for part in textwrap.wrap(line, width)]
     band = 30 + 30 * len(lines)  # pixels
     fig = Figure(figsize=(w / 150, (h + band) / 150))
     ax = fig.add_axes((0, 0, 1, h / (h + band)))

@@ -126,8 +126,8 @@ def _not_the_test_result(evaluation: Evaluation, run: Run) -> str | None:
     """Why an evaluation of the run is not its test result (the table's "test" columns), or None.
 
     Only the fold ensemble scored on the test split of the run's own data qualifies: a train or
-    all split holds images the folds trained on, one fold model is not the ensemble, and another
-    dataset is another question.
+    all split holds images the folds trained on, one fold model is not the ensemble, a stacked
+    model is another model, and another dataset is another question.
     """
     m = evaluation.metrics
     if m.get("split", "test") != "test":
@@ -135,6 +135,9 @@ def _not_the_test_result(evaluation: Evaluation, run: Run) -> str | None:
     n_models, n_folds = len(m.get("models") or []), len(run.metrics["folds"])
     if n_models and n_models != n_folds:
         return f"it scored {n_models} of the run's {n_folds} fold models, not the ensemble (ckpt=RUN_DIR)"
+    if m.get("stack"):
+        return "it scored the stacked model (eval.stack=true), not the run's image model; its numbers are in its own "\
+               "metrics.json"
     trained_on = (run.config.get("data") or {}).get("root")
     scored = (m.get("data") or {}).get("root")
     same = str(scored) == str(trained_on) or Path(str(scored)).expanduser().resolve() == Path(
