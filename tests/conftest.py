@@ -106,4 +106,4 @@ def same_moments(a: torch.Tensor, b: torch.Tensor) -> bool:
 ONE_STEP = {"hflip": {"hflip": 0.5}, "vflip": {"vflip": 0.5}, "rot90": {"rot90": True},
             "rotation": {"rotation": 30.0}, "brightness": {"color_jitter": (0.4, 0.0, 0.0, 0.0)},
             "contrast": {"color_jitter": (0.0, 0.4, 0.0, 0.0)}, "saturation": {"color_jitter": (0.0, 0.0, 0.6, 0.0)},
-            "hue": {"color_jitter": (0.0, 0.0, 0.0, 0.2)}}
+            "hue": {"color_jitter": (0.0, 0.0, 0.0, 0.2)}, "vignette": {"vignette": 0.5}}

@@ -140,9 +140,11 @@ def test_explain_writes_maps_and_table_into_the_run(run_dir: Path) -> None:
     assert (table["pred"] == (table["prob"] >= threshold)).all()
     occluded = json.loads((run_dir / "explain" / "occlusion.json").read_text())
     assert occluded["split"] == "test" and occluded["n_images"] == 20 and occluded["n_positive"] == 10  # all of it
-    assert set(occluded["auc"]) == {"none", "corners", "centre"}
-    assert set(occluded["difference"]) == {"corners", "centre"}
-    for region in ("corners", "centre"):
+    assert set(occluded["auc"]) == set(occluded["mean_prob"]) == {"none", "corners", "centre", "vignette"}
+    assert set(occluded["difference"]) == {"corners", "centre", "vignette"}
+    shift = occluded["vignette_shift"]
+    assert shift["ci"][0] <= shift["value"] <= shift["ci"][1]
+    for region in ("corners", "centre", "vignette"):
         assert occluded["difference"][region]["difference"]["value"] == pytest.approx(
             occluded["auc"][region] - occluded["auc"]["none"])
 
@@ -183,25 +185,40 @@ def test_attention_shares_find_the_lesion_and_the_corners() -> None:
 
 
 class CornerReader(torch.nn.Module):
-    """A "model" whose logit is the brightness of the image's corners: a pure shortcut."""
+    """A "model" whose logit is the brightness of the image's corners (``sign`` -1: their darkness): a pure shortcut."""
+
+    def __init__(self, sign: float = 1.0) -> None:
+        super().__init__()
+        self.sign = sign
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, torch.from_numpy(corner_mask(*x.shape[-2:]))].mean(dim=(1, 2))[:, None] * 10
+        return x[:, :, torch.from_numpy(corner_mask(*x.shape[-2:]))].mean(dim=(1, 2))[:, None] * 10 * self.sign
+
+
+def corner_images(tmp_path: Path, dark_is_malignant: bool) -> list[dict]:
+    """40 images whose corners are bright for one class and dark for the other; the centre is noise for both."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(40):
+        label = i % 2
+        pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+        bright = bool(label) != dark_is_malignant
+        pixels[corner_mask(32, 32)] = 200 + rng.integers(0, 40) if bright else 20 + rng.integers(0, 40)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+        records.append({"path": str(tmp_path / f"{i}.png"), "label": label})
+    return records
+
+
+def corner_ensemble(tmp_path: Path, sign: float) -> Ensemble:
+    preprocess = {"image_size": 32, "resize": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3,
+                  "std": [0.5] * 3}
+    return Ensemble([CornerReader(sign).eval()], [tmp_path / "best.pt"], {}, preprocess, {}, "0.5", [1.0], {})
 
 
 def test_occlusion_test_catches_a_model_that_reads_the_corners(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(40):  # malignant images have bright corners, benign dark ones; the centre is noise for both
-        label = i % 2
-        pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
-        pixels[corner_mask(32, 32)] = 200 + rng.integers(0, 40) if label else 20 + rng.integers(0, 40)
-        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
-        records.append({"path": str(tmp_path / f"{i}.png"), "label": label})
-    preprocess = {"image_size": 32, "resize": 32, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3,
-                  "std": [0.5] * 3}
-    ensemble = Ensemble([CornerReader().eval()], [tmp_path / "best.pt"], {}, preprocess, {}, "0.5", [1.0], {})
-    result = occlusion_test(ensemble, pd.DataFrame(records), CPU, n_resamples=200, num_workers=0)
+    records = corner_images(tmp_path, dark_is_malignant=False)  # malignant images have bright corners
+    result = occlusion_test(corner_ensemble(tmp_path, 1.0), pd.DataFrame(records), CPU, n_resamples=200,
+                            num_workers=0)
     assert result["auc"]["none"] == 1.0 and result["auc"]["centre"] == 1.0  # the centre never mattered
     assert result["auc"]["corners"] == 0.5  # hidden corners: every image scores the same
     assert result["difference"]["corners"]["difference"]["value"] == -0.5
@@ -209,7 +226,22 @@ def test_occlusion_test_catches_a_model_that_reads_the_corners(tmp_path: Path) -
     assert "corners hidden 0.500 (-0.500" in occlusion_summary(result)
     assert "costs 0.500 AUC" in shortcut_warning(result) and result["corner_area"] == pytest.approx(0.215, abs=0.02)
     result["difference"]["corners"]["difference"] = {"value": -0.01, "ci": [-0.03, 0.01]}
-    assert shortcut_warning(result) is None  # a loss inside the CI is no finding
+    assert result["auc"]["vignette"] == 0.5  # black corners on every image: every image scores the same
+    assert result["vignette_shift"]["value"] < 0  # ... low, as this model reads dark corners as benign
+    assert shortcut_warning(result) is None  # a loss inside the CI is no finding, nor a vignette that lowers p
+
+
+def test_occlusion_test_catches_a_model_that_takes_a_vignette_for_melanoma(tmp_path: Path) -> None:
+    records = corner_images(tmp_path, dark_is_malignant=True)  # as in dermoscopy archives: vignettes on melanomas
+    result = occlusion_test(corner_ensemble(tmp_path, -1.0), pd.DataFrame(records), CPU, n_resamples=200,
+                            num_workers=0)
+    assert result["auc"]["none"] == 1.0 and result["auc"]["vignette"] == 0.5
+    benign = result["mean_prob"]["none"]["benign"]
+    assert benign < 0.01 and result["mean_prob"]["vignette"]["benign"] > 0.99  # black corners: called malignant
+    assert result["vignette_shift"]["value"] == pytest.approx(result["mean_prob"]["vignette"]["benign"] - benign)
+    assert result["vignette_shift"]["ci"][0] > 0.9
+    assert "a black vignette raises benign images' mean probability by 0.99" in shortcut_warning(result)
+    assert "a vignette moves benign images' mean probability 0.00" in occlusion_summary(result)
 
 
 def test_bad_arguments_name_the_key_and_the_fix(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from melanoma.errors import ConfigError
-from melanoma.transforms import BatchRandomRot90, RandomRot90, build_transforms, resolve_preprocess
+from melanoma.transforms import BatchRandomRot90, RandomRot90, RandomVignette, build_transforms, resolve_preprocess
 
 from conftest import (
     ONE_STEP,
@@ -107,6 +107,23 @@ def test_batch_rot90_is_exact_and_uniform_per_image() -> None:
     turns = [next(k for k in range(4) if torch.equal(yi, torch.rot90(x[0], k, dims=(-2, -1)))) for yi in y]
     counts = np.bincount(turns, minlength=4)
     assert counts.sum() == 800 and all(150 <= c <= 250 for c in counts), counts
+
+
+def test_vignette_blackens_outside_a_random_circle_and_leaves_the_centre() -> None:
+    torch.manual_seed(0)
+    image = torch.full((3, 64, 64), 200, dtype=torch.uint8)
+    out = RandomVignette(1.0)(image)
+    assert out.dtype == torch.uint8 and out.shape == image.shape
+    assert (out[:, 0, 0] == 0).all() and torch.equal(out[:, 24:40, 24:40], image[:, 24:40, 24:40])
+    radius = torch.hypot(*torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")) / 32
+    assert (out[0][radius < RandomVignette.RADIUS[0] - RandomVignette.SHIFT * 1.5] == 200).all()
+    assert (out[0][radius > RandomVignette.RADIUS[1] + RandomVignette.SHIFT * 1.5] == 0).all()
+    assert torch.equal(RandomVignette(0.0)(image), image)
+    batch = RandomVignette(0.5)(torch.ones(1000, 1, 64, 64))  # a float batch, as on the device
+    drawn = batch[:, 0, 0, 0] < 1  # at 64 px every vignette reaches the corner pixel
+    assert batch.dtype == torch.float32 and 430 < drawn.sum() < 570  # each image drawn with p = 0.5
+    assert torch.equal(batch[~drawn], torch.ones_like(batch[~drawn]))
+    assert (batch[drawn] == 0).float().mean(dim=(1, 2, 3)).std() > 0.03  # the radii vary
 
 
 def test_preprocessing_is_the_models_unless_the_config_sets_it() -> None:
