@@ -111,6 +111,7 @@ class RunStacker:
         thresholds: operating points chosen on the stacked OOF predictions.
         oof_at_thresholds: the stacked OOF metrics at each of them.
         seed: ``random_state`` of the trees.
+        data: the run's ``data`` config (where its images and manifest are).
     """
 
     stacker: Stacker
@@ -118,6 +119,7 @@ class RunStacker:
     thresholds: dict[str, float]
     oof_at_thresholds: dict[str, dict]
     seed: int
+    data: dict
 
     def operating_points_of(self, ensemble: Ensemble) -> Ensemble:
         """``ensemble`` with this stacker's operating points (chosen on the stacked OOF predictions).
@@ -162,4 +164,17 @@ def stacker_from_run(run: str | Path, seed: int | None = None) -> RunStacker:
     oof = oof.assign(prob_image=oof["prob"], prob=stacked)
     thresholds = choose_thresholds(oof["label"], stacked)
     return RunStacker(stacker, oof, thresholds,
-                      {name: binary_metrics(oof["label"], stacked, t) for name, t in thresholds.items()}, seed)
+                      {name: binary_metrics(oof["label"], stacked, t) for name, t in thresholds.items()}, seed, data)
+
+
+def with_stacker(run: str | Path, ensemble: Ensemble, stack: bool) -> tuple[Ensemble, RunStacker | None]:
+    """``(ensemble, None)``, or with ``stack`` the run's refitted stacker and ``ensemble`` at its operating points.
+
+    What ``melanoma-eval eval.stack=true`` and ``melanoma-predict stack=true`` score with: the image
+    models stay the fold ensemble; thresholds (so the degenerate-point warning and the promise
+    checks) become the stacked model's (:meth:`RunStacker.operating_points_of`).
+    """
+    if not stack:
+        return ensemble, None
+    stacked = stacker_from_run(run)
+    return stacked.operating_points_of(ensemble), stacked

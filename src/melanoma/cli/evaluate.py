@@ -30,7 +30,7 @@ from melanoma.metadata import parse_columns
 from melanoma.plots import plot_evaluation, plot_subgroups
 from melanoma.reporting.tables import format_interval
 from melanoma.runtime import resolve_runtime
-from melanoma.stacking import stacker_from_run
+from melanoma.stacking import with_stacker
 from melanoma.subgroups import card_table, report_card, subgroup_columns
 
 log = logging.getLogger("melanoma.evaluate")
@@ -63,9 +63,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     # null keys (and the empty data.metadata an override group brings) fall back to the run's own values
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v not in (None, [])}
     data = ensemble.config["data"] | overrides
-    stacked = stacker_from_run(run_dir_of(cfg.ckpt)) if cfg.eval.stack else None
-    if stacked is not None:  # the stacked model's operating points, chosen on its own OOF predictions
-        ensemble = stacked.operating_points_of(ensemble)
+    ensemble, stacked = with_stacker(run_dir_of(cfg.ckpt), ensemble, cfg.eval.stack)
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
         log.warning("%s", warning)

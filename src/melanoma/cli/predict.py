@@ -24,7 +24,7 @@ from melanoma.data import find_images, readable_images
 from melanoma.errors import DataError, log_to_file, report_user_errors
 from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold, run_dir_of
 from melanoma.runtime import resolve_runtime
-from melanoma.stacking import stacker_from_run
+from melanoma.stacking import with_stacker
 
 log = logging.getLogger("melanoma.predict")
 
@@ -67,9 +67,7 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     ensemble = load_ensemble(cfg.ckpt, runtime)
-    stacked = stacker_from_run(run_dir_of(cfg.ckpt)) if cfg.stack else None
-    if stacked is not None:  # the stacked model's operating points, chosen on its own OOF predictions
-        ensemble = stacked.operating_points_of(ensemble)
+    ensemble, stacked = with_stacker(run_dir_of(cfg.ckpt), ensemble, cfg.stack)
     name, threshold = resolve_threshold(cfg.threshold, ensemble)
     if warning := ensemble.degenerate_warning(name, threshold):
         log.warning("%s", warning)

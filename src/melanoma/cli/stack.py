@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from melanoma.checkpoint import CONFIG, write_csv, write_json
+from melanoma.checkpoint import write_csv, write_json
 from melanoma.cli import argument_parser
 from melanoma.compare import paired_auc_difference
 from melanoma.confidence import metrics_with_ci
@@ -38,8 +36,7 @@ def stack_run(run: Path, test: bool = True, device: str = "auto", n_resamples: i
         DataError: the run lacks its files or was trained without ``data.metadata``.
     """
     fitted = stacker_from_run(run, seed)
-    stacker, oof, thresholds = fitted.stacker, fitted.oof, fitted.thresholds
-    data = yaml.safe_load((run / CONFIG).read_text())["data"]
+    stacker, oof, thresholds, data = fitted.stacker, fitted.oof, fitted.thresholds, fitted.data
     columns = stacker.columns
     out = run / "stack"
     write_csv(oof[["path", "label", "fold", "prob_image", "prob"]], out / "oof_predictions.csv")
