@@ -77,15 +77,16 @@ class RandomVignette(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images if images.ndim == 4 else images.unsqueeze(0)
         n, _, height, width = batch.shape
-        on = torch.rand(n) < self.p
-        radius = torch.empty(n).uniform_(*self.RADIUS)
-        centre = torch.empty(n, 2).uniform_(-self.SHIFT, self.SHIFT)
-        y = (torch.arange(height) - (height - 1) / 2) / (height / 2)
-        x = (torch.arange(width) - (width - 1) / 2) / (width / 2)
+        device = batch.device  # a few numbers per image are drawn on the CPU and copied; the masks are made there
+        on = (torch.rand(n) < self.p).to(device)
+        radius = torch.empty(n).uniform_(*self.RADIUS).to(device)
+        centre = torch.empty(n, 2).uniform_(-self.SHIFT, self.SHIFT).to(device)
+        y = (torch.arange(height, device=device) - (height - 1) / 2) / (height / 2)
+        x = (torch.arange(width, device=device) - (width - 1) / 2) / (width / 2)
         distance = torch.hypot(y.view(1, -1, 1) - centre[:, :1, None], x.view(1, 1, -1) - centre[:, 1:, None])
         mask = ((radius.view(-1, 1, 1) - distance) / self.EDGE).clamp(0, 1)
-        mask = torch.where(on.view(-1, 1, 1), mask, torch.ones(()))
-        out = batch * mask.unsqueeze(1).to(batch.device)
+        mask = torch.where(on.view(-1, 1, 1), mask, torch.ones((), device=device))
+        out = batch * mask.unsqueeze(1)
         if not batch.is_floating_point():
             out = out.round_().to(batch.dtype)
         return out if images.ndim == 4 else out[0]
