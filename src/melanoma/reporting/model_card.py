@@ -222,7 +222,7 @@ def model_card(run: Run, export: dict | None = None) -> str:
         caveats.append(f"Sensitivity is below the overall in: {', '.join(flagged)}.")
     occluded = read_json(run.dir / OCCLUSION)
     if occluded and (warning := shortcut_warning(occluded)) is not None:
-        caveats.append(f"{warning[0].upper()}{warning[1:].split('; see ')[0]} ({occlusion_summary(occluded)}).")
+        caveats.append(f"{warning[0].upper()}{warning[1:].split('; ')[0]} ({occlusion_summary(occluded)}).")
     caveats.append("Trained on one source of images; performance on other devices, clinics and populations is "
                    "untested until measured there.")
     lines += ["## Caveats and recommendations", "", *[f"- {c}" for c in caveats], ""]
