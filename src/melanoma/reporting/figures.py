@@ -106,7 +106,7 @@ def _activation_figure(run: Run, path: Path) -> None:
     """melanoma-explain's figure with a caption band naming the data and what the maps show, at its own pixel size."""
     image = imread(run.dir / ACTIVATION_MAPS)
     h, w = image.shape[:2]
-    width = max(60, int(w / 9))  # characters that fit at the caption's font size
+    width = max(60, int(w / 12.5))  # characters that fit: 10 pt at 150 dpi is ~12.5 px per character
     lines = [part for line in [f"Grad-CAM activation maps: {caption(run)}", *attention_notes(run)]
              for part in textwrap.wrap(line, width)]
     band = 30 + 30 * len(lines)  # pixels
