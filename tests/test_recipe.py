@@ -137,7 +137,7 @@ def test_clipping_bounds_every_update() -> None:
     from melanoma.engine import train_one_epoch
 
     batch = [(torch.full((8, 4), 100.0), torch.ones(8))]
-    rt = resolve_runtime("cpu", "fp32")
+    rt = resolve_runtime("cpu", "fp32", channels_last=False)  # a linear model on rows, not images
     train_one_epoch(model, batch, optimizer, make_loss(None), rt, rt.grad_scaler(), clip_grad_norm=0.5)
     moved = model.weight.detach() - before
     assert 0 < float(moved.norm()) <= 0.5 + 1e-6  # lr 1 times a gradient clipped to norm 0.5

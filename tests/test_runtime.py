@@ -14,11 +14,14 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the
 
 
 @needs_no_cuda
-def test_auto_on_cpu_is_fp32_without_scaler_or_channels_last() -> None:
+def test_auto_on_cpu_is_fp32_without_scaler_and_keeps_channels_last() -> None:
     rt = resolve_runtime("auto", "auto", channels_last=True)
-    assert (rt.device.type, rt.precision, rt.channels_last) == ("cpu", "fp32", False)
+    assert (rt.device.type, rt.precision, rt.channels_last) == ("cpu", "fp32", True)
+    assert rt.memory_format == torch.channels_last
     assert isinstance(rt.autocast(), contextlib.nullcontext)
     assert not rt.grad_scaler().is_enabled()
+    off = resolve_runtime("cpu", "auto", channels_last=False)
+    assert (off.channels_last, off.memory_format) == (False, torch.contiguous_format)
 
 
 @needs_no_cuda
