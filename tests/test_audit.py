@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import melanoma.audit as audit
-from melanoma.audit import audit_records, leaked_test_paths, near_duplicate_pairs
+from melanoma.audit import audit_records, hash_distances, leaked_test_paths, near_duplicate_pairs, perceptual_hashes
 from melanoma.cli.audit import run_audit
-from melanoma.data import load_records
+from melanoma.data import DEMO_DATA, load_records
 from melanoma.folds import make_folds
 from melanoma.synthetic import render_lesion
 
@@ -136,6 +136,39 @@ def test_pair_search_is_vectorised_and_symmetric_in_flips() -> None:
     hashes[7] = hashes[3][[4, 5, 6, 7, 0, 1, 2, 3]]  # 7 is a mirror image of 3
     pairs = near_duplicate_pairs(hashes, threshold=5, chunk=8)
     assert pairs[["i", "j"]].values.tolist() == [[3, 7]] and pairs["distance"].tolist() == [0]
+
+
+def test_a_centre_crop_hash_pairs_images_in_either_direction() -> None:
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2**63, size=(40, 11, 3), dtype=np.uint64)
+    hashes[30, 9] = hashes[4, 2]  # 30's crop is 4 rotated: a rotated re-crop, found from the later image
+    hashes[6, 10] = hashes[21, 5]  # and from the earlier one
+    pairs = near_duplicate_pairs(hashes, threshold=5, chunk=7)  # chunks of one image's 4 query rows
+    assert pairs[["i", "j"]].values.tolist() == [[4, 30], [6, 21]]
+    assert pairs["distance"].tolist() == [audit.CROP_PENALTY] * 2  # a match through a crop costs 2 bits
+    assert near_duplicate_pairs(hashes[:, :8], threshold=5).empty  # the 8 variants alone: no pair
+    bits = np.unpackbits(hashes.view(np.uint8), axis=-1)[..., :143]
+
+    def by_hand(a: int, b: int) -> int:  # every query row of one against every variant of the other
+        return min(int((bits[x, q] != bits[y, v]).sum()) + (q > 0) * audit.CROP_PENALTY for x, y in ((a, b), (b, a))
+                   for q in (0, 8, 9, 10) for v in range(8))
+
+    i, j = np.array([4, 6, 0, 1, 12]), np.array([30, 21, 1, 2, 13])
+    assert hash_distances(hashes, i, j).tolist() == [by_hand(a, b) for a, b in zip(i, j, strict=True)]
+
+
+def test_centre_crop_hashes_equal_the_hashes_of_the_cropped_image() -> None:
+    image = render_lesion(np.random.default_rng(2), 256, 0.1)
+    hashes = perceptual_hashes(image)
+    assert hashes.shape == (11, 3) and hashes.dtype == np.uint64
+    crop = image.crop((8, 8, 248, 248))  # 2/64 of each side: audit.ZOOMS[1]
+    assert (hashes[9] == perceptual_hashes(crop)[0]).all()
+    lesion = Image.open(DEMO_DATA / "isic-uda1" / "images" / "ISIC_0000002.jpg").convert("RGB")  # 299 x 224
+    copy = _jpeg_bytes(lesion.crop((7, 7, 292, 217)).resize(lesion.size, Image.Resampling.BICUBIC), 92)
+    pair = np.stack([perceptual_hashes(lesion), perceptual_hashes(copy)])  # a re-crop the hash once missed:
+    distance = hash_distances(pair, np.array([0]), np.array([1]))[0]
+    plain = hash_distances(pair[:, :8], np.array([0]), np.array([1]))[0]
+    assert distance <= 8 < 14 < plain  # 4 bits (2 + the crop penalty), and 30 by the whole image alone
 
 
 def test_audit_cli_writes_its_report(planted, tmp_path: Path) -> None:

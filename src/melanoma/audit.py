@@ -6,11 +6,18 @@ split; random folds also put copies of one lesion on both sides. This module fin
 - exact duplicates: the SHA-256 of the file's bytes;
 - near-duplicates: a 143-bit DCT perceptual hash (pHash) of the 32x32 grayscale image,
   compared under all 8 flips/90-degree rotations, since a mirrored or rotated photo of a
-  lesion is still the same lesion (for dermoscopy a flip *does* count as a duplicate).
+  lesion is still the same lesion (for dermoscopy a flip *does* count as a duplicate), and
+  with the hashes of three centre crops (1/64, 2/64 and 3/64 of each side cut off), since a
+  copy cropped by a few pixels and resized back is a centre crop of its original: two images
+  are as far apart as the closest of either one's full hash, or its cropped hashes plus
+  CROP_PENALTY bits, to the other's full hash (the penalty: three more tries per pair bring
+  distinct look-alikes closer; it keeps them at 16 bits, as without the crops).
   Measured on generated 300-px lesions: JPEG re-encodes at quality 60 and flips/rotations stay
   within 2 bits, 90% resizes and 4-pixel shifts within 12; among 10,605 distinct look-alike
   lesions (56 million pairs) the closest two are 16 bits apart. The default threshold is 14.
-  Crops of 6+ pixels (16-22 bits) are not reliably caught.
+  Re-crops of 4-8 pixels from every side of a 224- or 256-px image stay within 12 bits (without
+  the cropped hashes: up to 32); crops from one side only, of 6+ pixels, are not reliably caught
+  (``audit.method=both`` finds those: docs/audit.md).
 
 Hashes are cached by file content, so a second audit of an unchanged dataset only reads and
 checksums the files. Pairs are found with vectorised numpy over packed bits (no Python loop
@@ -43,10 +50,13 @@ from melanoma.embeddings import VERSION as EMBEDDING_VERSION
 from melanoma.embeddings import image_embeddings, similar_pairs
 from melanoma.errors import ConfigError, DataError, WeightsError
 
-HASH_VERSION = 1
+HASH_VERSION = 2  # 2: the centre-crop hashes (ZOOMS)
 _GRID, _KEEP = 32, 12  # hash the lowest 12x12 DCT frequencies of a 32x32 image, DC left out
 _BITS = _KEEP * _KEEP - 1
 _WORDS = 3  # 143 bits packed into three uint64 words
+_VARIANTS = 8  # the flips/90-degree rotations of the whole image: rows 0-7 of an image's hashes
+ZOOMS = (1 / 64, 2 / 64, 3 / 64)  # share of each side cut off for the centre-crop hashes: rows 8-10
+CROP_PENALTY = 2  # bits added to a match through a centre crop: 3 crops give distinct pairs more chances
 
 
 log = logging.getLogger("melanoma.audit")
@@ -77,14 +87,26 @@ def _pack(bits: np.ndarray) -> np.ndarray:
     return packed.view(np.uint64)
 
 
+def _phash(grey: np.ndarray) -> np.ndarray:
+    coeffs = dctn(grey, norm="ortho")[:_KEEP, :_KEEP].ravel()[1:]
+    return _pack(coeffs > np.median(coeffs))
+
+
 def perceptual_hashes(image: Image.Image) -> np.ndarray:
-    """The pHash of ``image`` under each of the 8 flips/90-degree rotations, shape (8, 3) uint64."""
-    grey = np.asarray(image.convert("L").resize((_GRID, _GRID), Image.Resampling.BOX), dtype=np.float32)
-    out = []
-    for arr in (grey, grey[:, ::-1]):
-        for k in range(4):
-            coeffs = dctn(np.rot90(arr, k), norm="ortho")[:_KEEP, :_KEEP].ravel()[1:]
-            out.append(_pack(coeffs > np.median(coeffs)))
+    """The hashes of ``image`` compared by the audit, shape (11, 3) uint64.
+
+    Rows 0-7: the pHash under each of the 8 flips/90-degree rotations; rows 8-10: the pHash of
+    the centre crops that cut :data:`ZOOMS` of each side off (unrotated: a crop commutes with
+    flips, so comparing it with the other image's 8 variants covers mirrored re-crops too).
+    """
+    image = image.convert("L")
+    grey = np.asarray(image.resize((_GRID, _GRID), Image.Resampling.BOX), dtype=np.float32)
+    out = [_phash(np.rot90(arr, k)) for arr in (grey, grey[:, ::-1]) for k in range(4)]
+    w, h = image.size
+    for share in ZOOMS:
+        box = (share * w, share * h, w - share * w, h - share * h)  # sub-pixel box: exact on small decodes
+        crop = image.resize((_GRID, _GRID), Image.Resampling.BOX, box=box)
+        out.append(_phash(np.asarray(crop, dtype=np.float32)))
     return np.stack(out)
 
 
@@ -94,7 +116,7 @@ def _hash_file(path: str) -> dict:
         with Image.open(path) as img:
             size, mode = img.size, img.mode
             if img.format == "JPEG":
-                img.draft("RGB", (2 * _GRID, 2 * _GRID))  # decode at reduced scale: same hash, 5x faster
+                img.draft("RGB", (4 * _GRID, 4 * _GRID))  # decode at >= 128 px: the crops keep their detail, 3x faster
                 img.load()
                 image = img.convert("RGB")
             else:
@@ -108,8 +130,8 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
     """Content hash, size, mode and perceptual hashes of every file, using and filling the cache.
 
     Returns:
-        One row per path: ``path, sha256, size, mode, error`` and ``hashes`` (an (8, 3) uint64
-        array, or None for unreadable files).
+        One row per path: ``path, sha256, size, mode, error`` and ``hashes`` (the (11, 3) uint64
+        array of :func:`perceptual_hashes`, or None for unreadable files).
     """
     cache_file = (cache_dir or default_cache()) / f"phash-v{HASH_VERSION}.json"
     try:
@@ -142,33 +164,58 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
     return pd.DataFrame(rows)
 
 
+def _signs(hashes: np.ndarray) -> np.ndarray:
+    """Hash bits as +-1 float32, shape (n, rows, 143): products of +-1 in float32 are exact."""
+    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]
+    return bits.astype(np.float32) * 2 - 1
+
+
+def _queries(hashes: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The rows compared with another image's 8 variants (the hash as is, and the centre crops if present),
+    and the bits each adds to the distance (:data:`CROP_PENALTY` for the crops)."""
+    rows = [0, *range(_VARIANTS, hashes.shape[1])]
+    return rows, np.array([0] + [CROP_PENALTY] * (len(rows) - 1), dtype=np.float32)
+
+
 def near_duplicate_pairs(hashes: np.ndarray, threshold: int, chunk: int = 512) -> pd.DataFrame:
-    """Pairs (i < j) whose hashes differ by at most ``threshold`` bits under some flip/rotation.
+    """Pairs (i < j) within ``threshold`` bits under some flip/rotation, or through a centre crop of either.
 
     Hamming distances come from one matrix product: with bits mapped to +-1, the distance of
-    two hashes is ``(n_bits - dot) / 2``, so BLAS compares every image with all 8 variants of
-    every other (about 5 s for 10,605 images on 2 cores, against ~40 s for popcounts in numpy).
+    two hashes is ``(n_bits - dot) / 2``, so BLAS compares every image's hash and centre crops
+    with all 8 variants of every other (popcounts in numpy took ~40 s for 10,605 images on 2
+    cores, the product a few seconds). A match through a crop counts :data:`CROP_PENALTY` bits
+    more; a pair's distance is the smaller of the two directions (i's crops against j, j's
+    against i).
 
     Args:
-        hashes: (n, 8, 3) uint64, the 8 variants of each image's hash.
+        hashes: (n, 8 + crops, 3) uint64: the 8 flip/rotation variants of each image's hash,
+            then the hashes of its centre crops (:func:`perceptual_hashes`; none is fine).
         threshold: maximal Hamming distance of a near-duplicate pair.
-        chunk: rows compared at once (memory is about chunk x n x 32 bytes).
+        chunk: query hashes compared at once (memory is about chunk x n x 32 bytes).
 
     Returns:
-        Columns ``i, j, distance``.
+        Columns ``i, j, distance``, one row per pair, sorted.
     """
     n = len(hashes)
-    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]
-    signs = bits.astype(np.float32) * 2 - 1  # (n, 8, bits); float32 products of +-1 are exact
-    variants = np.ascontiguousarray(signs.transpose(1, 0, 2).reshape(8 * n, _BITS).T)  # column k * n + j
+    signs = _signs(hashes)
+    query_rows, penalty = _queries(hashes)
+    queries = signs[:, query_rows]  # (n, q, bits)
+    q = len(query_rows)
+    variants = np.ascontiguousarray(signs[:, :_VARIANTS].transpose(1, 0, 2).reshape(_VARIANTS * n, _BITS).T)
+    rows = max(1, chunk // q)
     found = []
-    for start in range(0, n, chunk):
-        dots = signs[start:start + chunk, 0, :] @ variants
-        dist = ((_BITS - dots.reshape(len(dots), 8, n).max(1)) / 2).round().astype(np.int32)
+    for start in range(0, n, rows):
+        block = queries[start:start + rows]
+        dots = (block.reshape(-1, _BITS) @ variants).reshape(len(block), q, _VARIANTS, n).max(2)  # best variant
+        dist = ((_BITS - dots) / 2 + penalty[:, None]).min(1).round().astype(np.int32)
         i, j = np.nonzero(dist <= threshold)
-        keep = j > i + start
-        found.append(pd.DataFrame({"i": i[keep] + start, "j": j[keep], "distance": dist[i[keep], j[keep]]}))
-    return pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["i", "j", "distance"])
+        keep = j != i + start
+        a, b = i[keep] + start, j[keep]
+        found.append(pd.DataFrame({"i": np.minimum(a, b), "j": np.maximum(a, b), "distance": dist[i[keep], j[keep]]}))
+    if not found:
+        return pd.DataFrame(columns=["i", "j", "distance"])
+    pairs = pd.concat(found, ignore_index=True)
+    return pairs.groupby(["i", "j"], as_index=False)["distance"].min()
 
 
 def _cached_pairs(shas: list[str], threshold: float, cache_dir: Path | None,
@@ -189,11 +236,16 @@ def _cached_pairs(shas: list[str], threshold: float, cache_dir: Path | None,
 
 
 def hash_distances(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """The pHash Hamming distance of the pairs (i, j) under the best of the 8 flips/rotations."""
+    """The distance of the pairs (i, j) as :func:`near_duplicate_pairs` measures it."""
     if len(i) == 0:
         return np.zeros(0, dtype=int)
-    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]  # (n, 8, bits)
-    return (bits[i, :1, :] != bits[j]).sum(-1).min(1).astype(int)
+    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]  # (n, rows, bits)
+    rows, penalty = _queries(hashes)
+
+    def one_way(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # a's queries against b's 8 variants
+        return ((bits[a][:, rows, None, :] != bits[b][:, None, :_VARIANTS, :]).sum(-1).min(2) + penalty).min(1)
+
+    return np.minimum(one_way(i, j), one_way(j, i)).astype(int)
 
 
 def _embedding_pairs(paths: list[str], shas: list[str], hashes: np.ndarray, phash_pairs: pd.DataFrame,
@@ -249,7 +301,8 @@ def audit_records(records: pd.DataFrame, threshold: int = 14, workers: int | Non
     table = hash_images(records["path"].tolist(), workers, cache_dir)
     images = records.assign(sha256=table["sha256"], error=table["error"], size=table["size"], mode=table["mode"])
     ok = np.flatnonzero(table["error"].isna().to_numpy())
-    hashes = np.stack(table["hashes"].iloc[ok].to_numpy()) if len(ok) else np.zeros((0, 8, _WORDS), np.uint64)
+    empty = np.zeros((0, _VARIANTS + len(ZOOMS), _WORDS), np.uint64)
+    hashes = np.stack(table["hashes"].iloc[ok].to_numpy()) if len(ok) else empty
     shas = table["sha256"].iloc[ok].tolist()
     pairs = _cached_pairs(shas, threshold, cache_dir, lambda: near_duplicate_pairs(hashes, threshold))
     embedded = False
@@ -302,7 +355,7 @@ def _audit_summary(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int, cl
     leaked = leaked_test_paths(pairs)
     n_test = int((images["split"] == "test").sum())
     return {
-        "hash": {"kind": "dct-phash-143bit-d4", "version": HASH_VERSION, "threshold": threshold},
+        "hash": {"kind": "dct-phash-143bit-d4-crops3", "version": HASH_VERSION, "threshold": threshold},
         "n_images": int(len(images)),
         "counts": counts,
         "missing_splits": [s for s in ("train", "test") if s not in counts],
