@@ -150,3 +150,21 @@ def test_a_run_recorded_before_keys_were_added_still_resumes(tiny_data: Path, tm
     assert "fusion" not in load_checkpoint(run / "fold0" / "last.pt")["config"]["model"]
     again = train(make_config([*args, f"resume={run}"]), run)
     assert again["folds"] == before["folds"]
+
+
+def test_a_resume_whose_folds_came_out_differently_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    """A resume recomputes the folds (audit included): if they moved, the finished folds would not be the run's."""
+    from melanoma.cli.train import train
+    from melanoma.errors import ConfigError
+
+    from conftest import make_config
+
+    run, args = tmp_path / "run", [f"data.root={tiny_data}", *TINY, "trainer.epochs=1", "cv.folds=2"]
+    train(make_config(args), run)
+    folds = pd.read_csv(run / "folds.csv")
+    folds.loc[0, "fold"] = 1 - folds.loc[0, "fold"]  # as if a newer audit had grouped one image elsewhere
+    folds.to_csv(run / "folds.csv", index=False)
+    before = (run / "folds.csv").read_text()
+    with pytest.raises(ConfigError, match=rf"folds\.csv: 1 of {len(folds)} images fall in another fold now"):
+        train(make_config([*args, f"resume={run}"]), run)
+    assert (run / "folds.csv").read_text() == before  # nothing of the run is rewritten

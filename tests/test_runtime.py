@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 
+import melanoma.runtime as runtime
 from melanoma.errors import ConfigError
 from melanoma.runtime import resolve_runtime
 
@@ -14,7 +15,10 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the
 
 
 @needs_no_cuda
-def test_auto_on_cpu_is_fp32_without_scaler_and_keeps_channels_last() -> None:
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_auto_on_cpu_is_fp32_without_scaler_and_keeps_channels_last(native_bf16: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)  # fp32 either way: same numbers
     rt = resolve_runtime("auto", "auto", channels_last=True)
     assert (rt.device.type, rt.precision, rt.channels_last) == ("cpu", "fp32", True)
     assert rt.memory_format == torch.channels_last
@@ -22,6 +26,25 @@ def test_auto_on_cpu_is_fp32_without_scaler_and_keeps_channels_last() -> None:
     assert not rt.grad_scaler().is_enabled()
     off = resolve_runtime("cpu", "auto", channels_last=False)
     assert (off.channels_last, off.memory_format) == (False, torch.contiguous_format)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_on_a_cpu_warns_only_where_it_is_emulated(native_bf16: bool, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    rt = resolve_runtime("cpu", "bf16")
+    assert rt.precision == "bf16" and not rt.grad_scaler().is_enabled()
+    assert ("emulated, slower than fp32" in caplog.text) != native_bf16
+
+
+def test_native_bf16_is_what_torch_reports_for_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for avx512, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert runtime.cpu_has_native_bf16() == (avx512 or amx)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runtime.cpu_has_native_bf16() is False  # a torch without the checks (or not x86): fp32
 
 
 @needs_no_cuda

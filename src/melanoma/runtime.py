@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from melanoma.errors import ConfigError
+
+log = logging.getLogger("melanoma.runtime")
 
 T = TypeVar("T")
 Device = Literal["auto", "cpu", "cuda"]
@@ -68,6 +71,18 @@ class Runtime:
 RUNTIME_KEYS = ("device", "precision", "channels_last")  # the runtime config group: resolve_runtime's arguments
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512-BF16 or AMX), so that bf16 autocast is faster.
+
+    Measured on 2 cores with AVX-512-BF16 (docs/benchmarks.md): channels-last bf16 trained
+    EfficientNet-Lite0 1.4x faster than fp32 at 192-224 px, ResNet34 1.6-1.8x, but at 128 px
+    Lite0 no faster and EfficientNet-B0 1.2x slower; elsewhere oneDNN emulates bf16, slower
+    than fp32. ``trainer.precision=bf16`` warns where it is emulated.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, on x86 builds
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
                     channels_last: bool = True) -> Runtime:
     """Resolve ``auto`` choices against the machine.
@@ -75,7 +90,8 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
     Args:
         device: ``auto`` picks CUDA when available, else the CPU.
         precision: ``auto`` is bf16 autocast on GPUs that support it (Ampere and newer: no
-            GradScaler, no overflow), fp16 with a GradScaler on older GPUs, fp32 on the CPU.
+            GradScaler, no overflow), fp16 with a GradScaler on older GPUs, fp32 on the CPU (the
+            same numbers on every CPU host; docs/benchmarks.md for when ``bf16`` pays there).
         channels_last: channels-last tensors for models and batches, on CUDA and on the CPU alike
             (on a 2-core CPU it made an fp32 training step of EfficientNet-Lite0 1.57x faster,
             docs/benchmarks.md).
@@ -101,6 +117,9 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
             else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs CUDA; use trainer.precision=fp32 or bf16 on the CPU")
+    if precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+        log.warning("trainer.precision=bf16 on a CPU without native bf16 (AVX-512-BF16 or AMX): emulated, slower "
+                    "than fp32; trainer.precision=fp32 is faster here")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Runtime(torch.device(device), precision, channels_last)

@@ -119,6 +119,17 @@ def _tags(config: dict, run_dir: Path, sweep: dict) -> dict:
             "sweep": sweep.get("sweep"), "job": sweep.get("job")}
 
 
+def _check_resumed_folds(path: Path, fold_by_path: dict[str, int]) -> None:
+    """Refuse a resume whose folds, computed again, are not the ones its finished folds were trained on."""
+    saved = pd.read_csv(path)
+    moved = sum(fold_by_path.get(p) != f for p, f in zip(saved["path"], saved["fold"], strict=True))
+    moved += len(set(fold_by_path) - set(saved["path"]))
+    if moved:
+        raise ConfigError(f"{path}: {moved} of {len(saved)} images fall in another fold now than when the run "
+                          "started (the data, or the duplicate audit of a newer melanoma, changed); resume with the "
+                          "data and melanoma version that started the run, or train into a new run directory")
+
+
 def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     start = time.perf_counter()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -171,6 +182,8 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     shown = ["group"] if "group" in train_set else []
     shown += [group_column] if group_column else []
     columns = ["path", "label", "fold", *dict.fromkeys(shown)]
+    if cfg.resume is not None:
+        _check_resumed_folds(run_dir / "folds.csv", dict(zip(train_set["path"], fold_of.tolist(), strict=True)))
     if main:
         write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
     if training.summary is not None and main:
