@@ -165,10 +165,14 @@ def hash_images(paths: list[str], workers: int | None = None, cache_dir: Path | 
     return pd.DataFrame(rows)
 
 
+def _bits(hashes: np.ndarray) -> np.ndarray:
+    """The hashes' bits, shape (n, rows, 143) uint8."""
+    return np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]
+
+
 def _signs(hashes: np.ndarray) -> np.ndarray:
     """Hash bits as +-1 float32, shape (n, rows, 143): products of +-1 in float32 are exact."""
-    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]
-    return bits.astype(np.float32) * 2 - 1
+    return _bits(hashes).astype(np.float32) * 2 - 1
 
 
 def _queries(hashes: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -240,7 +244,7 @@ def hash_distances(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarr
     """The distance of the pairs (i, j) as :func:`near_duplicate_pairs` measures it."""
     if len(i) == 0:
         return np.zeros(0, dtype=int)
-    bits = np.unpackbits(np.ascontiguousarray(hashes).view(np.uint8), axis=-1)[..., :_BITS]  # (n, rows, bits)
+    bits = _bits(hashes)
     rows, penalty = _queries(hashes)
 
     def one_way(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # a's queries against b's 8 variants
