@@ -81,6 +81,43 @@ def test_a_signal_to_the_process_group_stops_with_one_line(sig: signal.Signals, 
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
+_SWALLOWED = """
+import os, signal, time
+from melanoma.errors import TrainingInterrupted, catch_stop_signals, interrupt_training, raise_if_stopped
+
+class Other:
+    def __del__(self):
+        raise ValueError("an unrelated ignored error")
+
+def after_fork():  # what logging does after each loader worker's fork; the signal lands inside it
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+os.register_at_fork(after_in_parent=after_fork)
+with catch_stop_signals(interrupt_training):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("went on")
+    Other()
+    try:
+        raise_if_stopped()
+    except TrainingInterrupted as exc:
+        print("stopped by", exc)
+raise_if_stopped()  # handled: forgotten once the handlers are restored
+print("forgotten")
+"""
+
+
+def test_a_stop_that_python_swallowed_is_raised_again_at_the_next_batch() -> None:
+    """Python ignores an exception raised in an at-fork hook: SIGTERM there once let training run on (exit 0)."""
+    result = subprocess.run([sys.executable, "-c", _SWALLOWED], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["went on", "stopped by SIGTERM", "forgotten"]
+    assert "TrainingInterrupted" not in result.stderr  # Python's report of the swallowed stop is silenced ...
+    assert "an unrelated ignored error" in result.stderr  # ... and only that one
+
+
 @pytest.mark.slow  # two training processes: the slow tier
 def test_resume_with_another_config_is_refused(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"

@@ -27,7 +27,7 @@ from melanoma.checkpoint import (
     save_checkpoint,
     write_csv,
 )
-from melanoma.errors import ConfigError, NonFiniteLossError
+from melanoma.errors import ConfigError, NonFiniteLossError, raise_if_stopped
 from melanoma.metrics import binary_metrics
 from melanoma.optim import per_batch
 from melanoma.runtime import Runtime, all_sum, gather_shards, get_rng_state, set_rng_state
@@ -100,6 +100,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     total, count, skipped = torch.zeros((), device=runtime.device), 0, 0
     first_bad = torch.full((), -1, device=runtime.device)  # checked once per epoch: no sync per step
     for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)):
+        raise_if_stopped()
         inputs, labels = _to_device(batch, runtime, device_transform)
         with runtime.autocast():
             logits = model(*inputs).squeeze(1)
@@ -145,6 +146,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, runtime: 
     model.eval()
     losses, probs, n = [], [], 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+        raise_if_stopped()
         inputs, labels = _to_device(batch, runtime)
         with runtime.autocast():
             logits = model(*inputs).squeeze(1).float()

@@ -4,11 +4,12 @@ Entry points print these as one line and exit with status 2; anything else is a 
 keeps its traceback.
 """
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -71,9 +72,60 @@ def quiet_worker_deaths() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-def _raise_stopped(signum: int, frame: object) -> None:
+# The stop a signal handler raised, kept until the process ends: Python prints and then ignores an
+# exception raised where it cannot propagate (an at-fork hook, such as the one logging runs in the parent
+# after each loader worker's fork; a __del__; a weakref callback). A signal that lands there would be lost,
+# and training would go on to its last epoch; the loops raise it again at their next batch instead.
+_pending_stops: list[BaseException] = []
+
+
+def _deliver(stop: BaseException) -> None:
     quiet_worker_deaths()
-    raise _Stopped()
+    _pending_stops.append(stop)
+    if sys.unraisablehook is not _unraisable:
+        _unraisable.previous = sys.unraisablehook  # type: ignore[attr-defined]
+        sys.unraisablehook = _unraisable
+    raise stop
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Python's report of an ignored exception, less the stops that :func:`raise_if_stopped` raises again."""
+    if unraisable.exc_value not in _pending_stops:
+        _unraisable.previous(unraisable)  # type: ignore[attr-defined]
+
+
+def raise_if_stopped() -> None:
+    """Raise once more a stop signal's exception that Python swallowed; the loops call this at every batch.
+
+    Raises:
+        TrainingInterrupted, KeyboardInterrupt: a SIGTERM or SIGINT arrived since its handler was installed.
+    """
+    if _pending_stops:
+        raise _pending_stops[0]
+
+
+def interrupt_training(signum: int, frame: object) -> None:
+    """melanoma-train's handler of SIGTERM and SIGINT: raises :class:`TrainingInterrupted`."""
+    _deliver(TrainingInterrupted(signal.Signals(signum).name))
+
+
+@contextlib.contextmanager
+def catch_stop_signals(handler: Callable[[int, object], None],
+                       signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Within the block, ``signals`` call ``handler``; after it the previous handlers are back and the stop is
+    forgotten (it was handled), so that later work in the same process is not stopped by it again."""
+    _pending_stops.clear()
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _pending_stops.clear()
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    _deliver(_Stopped())
 
 
 def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: bool = False) -> T:
@@ -89,9 +141,10 @@ def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: 
     # (melanoma-train installs its own, which names the resume command).
     own_term = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    previous = signal.signal(signal.SIGTERM, _raise_stopped) if own_term else None
+    catching = catch_stop_signals(_raise_stopped, (signal.SIGTERM,)) if own_term else contextlib.nullcontext()
     try:
-        return func(*args)
+        with catching:
+            return func(*args)
     except MelanomaError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         if multirun:
@@ -107,6 +160,3 @@ def report_user_errors(prog: str, func: Callable[..., T], *args: Any, multirun: 
         print(message, file=sys.stderr)
         log_to_file(prog, logging.WARNING, message)
         raise SystemExit(128 + signum) from None
-    finally:
-        if own_term:
-            signal.signal(signal.SIGTERM, previous)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from melanoma.checkpoint import load_checkpoint
 from melanoma.data import ImageDataset, make_loader, resolve_num_workers
-from melanoma.errors import ConfigError, DataError, WeightsError
+from melanoma.errors import ConfigError, DataError, WeightsError, raise_if_stopped
 from melanoma.fusion import fuse
 from melanoma.metadata import MetadataEncoder
 from melanoma.metrics import degenerate_operating_point
@@ -193,6 +193,7 @@ def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime,
     if widths and len(widths) != len(models):
         raise ValueError(f"widths names {len(widths)} models' metadata, for {len(models)} models")
     for images, *metadata, _ in tqdm(loader, desc="predict", leave=False, disable=None, dynamic_ncols=True):
+        raise_if_stopped()
         images = images.to(runtime.device, non_blocking=True, memory_format=runtime.memory_format)
         metadata = [m.to(runtime.device, non_blocking=True) for m in metadata]
         if metadata and not widths:

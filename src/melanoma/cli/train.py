@@ -42,7 +42,14 @@ from melanoma.crossval import (
     write_results,
 )
 from melanoma.data import load_records, resolve_num_workers, split_records
-from melanoma.errors import ConfigError, TrainingInterrupted, log_to_file, quiet_worker_deaths, report_user_errors
+from melanoma.errors import (
+    ConfigError,
+    TrainingInterrupted,
+    catch_stop_signals,
+    interrupt_training,
+    log_to_file,
+    report_user_errors,
+)
 from melanoma.folds import make_folds, merge_groups
 from melanoma.metadata import parse_columns
 from melanoma.metrics import degenerate_operating_point, objective
@@ -241,11 +248,6 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     return metrics
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    quiet_worker_deaths()
-    raise TrainingInterrupted(signal.Signals(signum).name)
-
-
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's entry: returns the mean monitored metric, for sweepers that optimise it."""
@@ -253,19 +255,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # SIGTERM (SLURM preemption, kill) and Ctrl-C stop at once: the files of the last completed
     # epoch are complete (atomic writes), and resume= goes on from them.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()), "job": hydra_cfg.job.num} if multirun else None
     try:
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        sweep = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()), "job": hydra_cfg.job.num} if multirun else None
-        metrics = report_user_errors("melanoma-train", train, cfg, run_dir, sweep, multirun=multirun)
+        with catch_stop_signals(interrupt_training):
+            metrics = report_user_errors("melanoma-train", train, cfg, run_dir, sweep, multirun=multirun)
     except TrainingInterrupted as exc:
         message = f"melanoma-train: interrupted by {exc}; resume with: melanoma-train <same overrides> resume={run_dir}"
         print(message, file=sys.stderr)
         log_to_file("melanoma-train", logging.WARNING, message)
         raise SystemExit(128 + getattr(signal, str(exc)).value) from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if not metrics:  # ranks > 0 under torchrun return nothing
