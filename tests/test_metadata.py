@@ -99,6 +99,22 @@ def test_the_fused_model_keeps_timm_layer_decay_and_starts_at_one_half() -> None
     assert named["backbone.conv_stem.weight"] < named["backbone.blocks.3.0.conv_pw.weight"] < 1e-3  # stem least
 
 
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit"])
+def test_fusion_works_with_every_kind_of_timm_backbone(name: str) -> None:
+    """CNNs, ConvNeXt and ViTs alike: one logit, gradients into both branches, timm's layer groups kept."""
+    torch.manual_seed(0)
+    model = FusionNet(timm.create_model(name, num_classes=1), n_metadata=3)
+    with torch.no_grad():
+        model.head.weight.normal_()  # the zero head would stop every gradient below it
+    images = torch.randn(4, 3, *model.pretrained_cfg["input_size"][1:])
+    model(images, torch.randn(4, 3)).sum().backward()
+    assert model(images, torch.randn(4, 3)).shape == (4, 1)
+    assert model.meta[0].weight.grad.abs().sum() > 0
+    assert sum(p.grad.abs().sum() for p in model.backbone.parameters() if p.grad is not None) > 0
+    opt = create_optimizer(model, "adamw", 1e-3, weight_decay=0.05, layer_decay=0.5)
+    assert len({group["lr"] for group in opt.param_groups}) > 2  # the backbone's depth groups, then the head
+
+
 @pytest.fixture(scope="module")
 def meta_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic set whose label depends partly on age and site (generate_dataset(metadata=True))."""
