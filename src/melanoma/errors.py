@@ -72,7 +72,7 @@ def quiet_worker_deaths() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-# The stop a signal handler raised, kept until the process ends: Python prints and then ignores an
+# The stop a signal handler raised, kept until its catch_stop_signals block ends: Python prints and ignores an
 # exception raised where it cannot propagate (an at-fork hook, such as the one logging runs in the parent
 # after each loader worker's fork; a __del__; a weakref callback). A signal that lands there would be lost,
 # and training would go on to its last epoch; the loops raise it again at their next batch instead.
