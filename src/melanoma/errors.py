@@ -82,16 +82,7 @@ _pending_stops: list[BaseException] = []
 def _deliver(stop: BaseException) -> None:
     quiet_worker_deaths()
     _pending_stops.append(stop)
-    if sys.unraisablehook is not _unraisable:
-        _unraisable.previous = sys.unraisablehook  # type: ignore[attr-defined]
-        sys.unraisablehook = _unraisable
     raise stop
-
-
-def _unraisable(unraisable: Any) -> None:
-    """Python's report of an ignored exception, less the stops that :func:`raise_if_stopped` raises again."""
-    if unraisable.exc_value not in _pending_stops:
-        _unraisable.previous(unraisable)  # type: ignore[attr-defined]
 
 
 def raise_if_stopped() -> None:
@@ -113,14 +104,18 @@ def interrupt_training(signum: int, frame: object) -> None:
 def catch_stop_signals(handler: Callable[[int, object], None],
                        signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
     """Within the block, ``signals`` call ``handler``; after it the previous handlers are back and the stop is
-    forgotten (it was handled), so that later work in the same process is not stopped by it again."""
+    forgotten (it was handled), so that later work in the same process is not stopped by it again.
+    Python's report of a stop it swallowed is left out (:func:`raise_if_stopped` raises it again), others stay."""
     _pending_stops.clear()
     previous = {sig: signal.signal(sig, handler) for sig in signals}
+    report = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if unraisable.exc_value in _pending_stops else report(unraisable)
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        sys.unraisablehook = report
         _pending_stops.clear()
 
 
