@@ -33,6 +33,29 @@ def test_too_few_images_or_folds() -> None:
         make_folds([0, 1] * 5, 1)
 
 
+def test_a_class_in_fewer_groups_than_folds_is_refused() -> None:
+    """10 malignant images from 2 patients cannot fill 3 validation folds: scikit-learn counts images, not
+    groups, so without the check one fold would validate on benign images only and keep its first epoch."""
+    labels = np.array([1] * 10 + [0] * 100)
+    groups = np.array([0] * 5 + [1] * 5 + [2 + i // 2 for i in range(100)])  # 2 malignant, 50 benign patients
+    with pytest.raises(DataError, match=r"class 1's images lie in only 2 groups .* cv\.folds=3.*data\.group_column=null"):
+        make_folds(labels, 3, seed=0, groups=groups)
+    fold = make_folds(labels, 2, seed=0, groups=groups)  # two folds: one malignant patient each
+    for k in (0, 1):
+        assert set(labels[fold == k].tolist()) == {0, 1}
+    assert len({int(fold[0]), int(fold[5])}) == 2
+
+
+def test_a_fold_left_without_a_class_is_refused() -> None:
+    """Three groups per class for three folds, but two large mixed patients: StratifiedGroupKFold's greedy
+    assignment leaves one fold with a single class (found by search), which is refused with the fold named."""
+    labels = np.array([1] * 7 + [0] * 2 + [1] * 7 + [0, 1] + [0] * 12)
+    groups = np.array([0] * 9 + [1] * 8 + [2, 2, 2, 3, 3, 3, 4, 5, 5, 6, 6, 7, 7])
+    assert all(len(set(groups[labels == c].tolist())) >= 3 for c in (0, 1))  # passes the groups-per-class check
+    with pytest.raises(DataError, match=r"validation fold \d holds no images of class \d .* cv\.folds=3"):
+        make_folds(labels, 3, seed=0, groups=groups)
+
+
 def test_groups_join_images_that_share_any_key() -> None:
     duplicates = [0, 0, 1, 2, 3, 4, 5]
     patients = ["p1", "p2", "p2", "", None, "p3", "p3"]

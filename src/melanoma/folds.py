@@ -58,7 +58,8 @@ def make_folds(labels: Sequence[int], folds: int = 3, seed: int = 0,
 
     Raises:
         ConfigError: ``folds`` is below 2.
-        DataError: a class has fewer images than folds.
+        DataError: a class has fewer images (or, with ``groups``, fewer groups) than folds, or
+            a validation fold would hold a single class.
     """
     if folds < 2:
         raise ConfigError(f"cv.folds={folds} must be at least 2")
@@ -74,8 +75,20 @@ def make_folds(labels: Sequence[int], folds: int = 3, seed: int = 0,
             raise DataError(f"only {len(set(groups))} distinct groups (of duplicates and data.group_column) for "
                             f"cv.folds={folds}; lower cv.folds, or set cv.group_duplicates=false or "
                             "data.group_column=null")
+        for cls in (0, 1):  # scikit-learn checks images per class, not groups: a fold could lack the class
+            holding = len(set(np.asarray(groups)[labels == cls].tolist()))
+            if holding < folds:
+                raise DataError(f"class {cls}'s images lie in only {holding} groups (of duplicates and "
+                                f"data.group_column), fewer than cv.folds={folds}, so a fold would validate "
+                                "without it; lower cv.folds, or set data.group_column=null")
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.empty(len(labels), dtype=int)
     for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         fold[val_idx] = k
+    for k in range(folds):  # a fold of one class has no AUC: its model would keep its first epoch, unnoticed
+        present = np.bincount(labels[fold == k], minlength=2)
+        if present.min() == 0:
+            raise DataError(f"validation fold {k} holds no images of class {int(present.argmin())} (the groups "
+                            f"of duplicates and data.group_column are too uneven for cv.folds={folds}); "
+                            "lower cv.folds, or set data.group_column=null (or cv.group_duplicates=false)")
     return fold
