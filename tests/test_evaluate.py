@@ -236,6 +236,28 @@ def test_a_kaggle_test_split_of_one_class_is_scored_not_refused(run_dir: Path, t
     assert "auc: unavailable" in printed and "Without the" not in printed  # no second, identical table
 
 
+@pytest.mark.parametrize("split", ["all", "train"])
+def test_dedup_leaves_out_the_training_images_themselves(run_dir: Path, tmp_path: Path, split: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """eval.split=all scores the run's own training images: the deduplicated metrics are the test split's."""
+    metrics = evaluate_run(_eval_cfg(run_dir, f"eval.split={split}"), tmp_path / "out")
+    pred = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    train_paths = set(pd.read_csv(run_dir / "oof_predictions.csv")["path"])
+    assert set(pred.loc[pred["has_train_duplicate"], "path"]) == train_paths & set(pred["path"])
+    assert metrics["dedup"]["n_removed"] == len(train_paths)
+    printed = capsys.readouterr().out
+    if split == "all":
+        test = pred[~pred["path"].isin(train_paths)]
+        assert metrics["dedup"]["n_images"] == len(test) == metrics["n_images"] - len(train_paths) > 0
+        from sklearn.metrics import roc_auc_score
+
+        auc = metrics["dedup"]["thresholds"]["0.5"]["metrics"]["auc"]["value"]
+        assert auc == pytest.approx(roc_auc_score(test["label"], test["prob"]))
+    else:
+        assert metrics["dedup"]["n_images"] == 0 and metrics["dedup"]["thresholds"] == {}
+        assert "No deduplicated metrics: all" in printed
+
+
 def test_dedup_metrics_leave_out_exactly_the_test_copies_of_train_images(run_dir: Path, tiny_data: Path,
                                                                           tmp_path: Path) -> None:
     data = tmp_path / "data"

@@ -391,7 +391,10 @@ def summary_line(summary: dict) -> str:
 
 def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, workers: int | None,
                      method: str = "phash", similarity: float = EMBEDDING_THRESHOLD) -> set[str]:
-    """Scored images that have an exact or near duplicate among a run's training images.
+    """Scored images that are a run's training images, or an exact or near duplicate of one.
+
+    A scored image at a training image's path (``eval.split=train`` or ``all``, or another manifest
+    that lists training files) counts as leaked without being hashed.
 
     Args:
         train: the run's training records (``path, label``).
@@ -406,4 +409,4 @@ def train_duplicates(train: pd.DataFrame, scored: pd.DataFrame, threshold: int, 
     both = pd.concat([train.assign(split="train"),
                       scored.assign(split="test")[~scored["path"].isin(set(train["path"]))]], ignore_index=True)
     _, pairs, _ = audit_records(both, threshold, workers=workers, method=method, similarity=similarity)
-    return leaked_test_paths(pairs) & scored_paths
+    return (leaked_test_paths(pairs) | set(train["path"])) & scored_paths

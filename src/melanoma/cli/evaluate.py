@@ -106,7 +106,8 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         predictions["has_train_duplicate"] = predictions["path"].isin(leaked)
         dedup = {"n_removed": len(leaked), "n_images": int(len(kept)), "n_positive": int(kept["label"].sum()),
                  "thresholds": metrics_with_ci(kept["label"], kept["prob"], thresholds, cfg.eval.prevalence,
-                                               cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)}
+                                               cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)
+                 if len(kept) else {}}
         dedup["unavailable"] = dedup["thresholds"].pop("unavailable", {})
     card = None
     if cfg.eval.subgroups:
@@ -164,8 +165,11 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
         print(f"{name} threshold (chosen on out-of-fold predictions, sensitivity {promise['oof']['sensitivity']:.3f} "
               f"there): sensitivity {format_interval(promise['test']['sensitivity'])}, specificity "
               f"{format_interval(promise['test']['specificity'])} here")
-    if dedup is not None and dedup["n_removed"]:  # else the table would repeat the one above
-        print(f"\nWithout the {dedup['n_removed']} test images that have a near-duplicate in train "
+    if dedup is not None and dedup["n_removed"] and not dedup["n_images"]:
+        print(f"\nNo deduplicated metrics: all {dedup['n_removed']} scored images are training images or "
+              "near-duplicates of them")
+    elif dedup is not None and dedup["n_removed"]:  # else the table would repeat the one above
+        print(f"\nWithout the {dedup['n_removed']} scored images that are in train or have a near-duplicate there "
               f"({dedup['n_images']} left), at the {chosen_name} threshold:")
         print(_side_by_side(results[chosen_name], dedup["thresholds"][chosen_name]))
     if card is not None:
