@@ -98,3 +98,21 @@ def test_one_class_reports_unavailable_not_nan() -> None:
     assert metrics["auc"] == {"value": None, "ci": None} and metrics["sensitivity"]["value"] is None
     assert metrics["specificity"]["value"] == pytest.approx(0.75)
     assert res["unavailable"]["auc"] == "the test set holds only benign images"
+
+
+def test_sensitivity_and_specificity_get_wilson_intervals_that_do_not_collapse_at_one() -> None:
+    """Five of five malignant images found: the stratified bootstrap of a proportion at 1 is [1, 1]; Wilson's
+    score interval for 5/5 at 95% is [0.566, 1] (by hand: (n + z^2/2 -+ z sqrt(z^2/4)) / (n + z^2) at p = 1)."""
+    y = np.array([1] * 5 + [0] * 20)
+    p = np.array([0.9] * 5 + [0.1] * 18 + [0.8, 0.7])  # two false positives
+    block = metrics_with_ci(y, p, {"0.5": 0.5}, n_resamples=200, seed=0)["0.5"]["metrics"]
+    z = 1.959963984540054
+    assert block["sensitivity"]["value"] == block["recall"]["value"] == 1.0
+    assert block["sensitivity"]["ci"] == pytest.approx([5 / (5 + z**2), 1.0])
+    assert block["recall"]["ci"] == block["sensitivity"]["ci"]
+    phat, n = 18 / 20, 20  # specificity 18/20, Wilson by its formula
+    centre = (phat + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(phat * (1 - phat) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    assert block["specificity"]["value"] == pytest.approx(0.9)
+    assert block["specificity"]["ci"] == pytest.approx([centre - half, centre + half])
+    assert block["accuracy"]["ci"][0] < block["accuracy"]["value"] < block["accuracy"]["ci"][1]  # still bootstrapped

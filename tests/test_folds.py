@@ -38,7 +38,7 @@ def test_a_class_in_fewer_groups_than_folds_is_refused() -> None:
     groups, so without the check one fold would validate on benign images only and keep its first epoch."""
     labels = np.array([1] * 10 + [0] * 100)
     groups = np.array([0] * 5 + [1] * 5 + [2 + i // 2 for i in range(100)])  # 2 malignant, 50 benign patients
-    with pytest.raises(DataError, match=r"class 1's images lie in only 2 groups .* cv\.folds=3.*data\.group_column=null"):
+    with pytest.raises(DataError, match=r"class 1's images lie in only 2 groups .* cv\.folds=3.*group_column=null"):
         make_folds(labels, 3, seed=0, groups=groups)
     fold = make_folds(labels, 2, seed=0, groups=groups)  # two folds: one malignant patient each
     for k in (0, 1):

@@ -87,9 +87,26 @@ def test_a_failing_subgroup_is_flagged_and_a_tiny_one_is_unavailable() -> None:
     assert table.loc[table["level"] == "tiny", "auc"].isna().all() and table["flagged"].tolist().count(True) == 1
 
 
+def test_a_small_subgroup_gets_a_wide_interval_and_no_flag() -> None:
+    """Three malignant images, all missed: sensitivity 0 with Wilson's [0, 0.56], not the bootstrap's [0, 0];
+    under MIN_PER_CLASS malignant images it is reported but never flagged. Four of four found: [0.51, 1]."""
+    y, p, group = _scored()
+    group, p = group.copy(), p.copy()
+    missed = np.flatnonzero((group == "a").to_numpy() & (y == 1))[:3]
+    found = np.flatnonzero((group == "a").to_numpy() & (y == 1))[3:7]
+    p[missed], p[found] = 0.01, 0.99
+    group.iloc[missed], group.iloc[found] = "missed", "found"
+    rows = {r["level"]: r for r in report_card(y, p, 0.5, {"g": group}, n_resamples=300)["rows"]}
+    assert rows["missed"]["sensitivity"]["value"] == 0 and rows["missed"]["sensitivity"]["ci"][1] == pytest.approx(
+        0.5615, abs=1e-4)
+    assert not rows["missed"]["flagged"]
+    assert rows["found"]["sensitivity"]["ci"] == pytest.approx([0.5101, 1.0], abs=1e-4)
+
+
 def test_ages_are_binned_and_unknowns_kept() -> None:
     ages = pd.Series(["5", "30", "44", "45", "60", "75", "90", "", "unknown"])
     assert age_bin(ages).tolist() == ["<30", "30-44", "30-44", "45-59", "60-74", "75+", "75+", "unknown", "unknown"]
+    assert age_bin(pd.Series(["-1"])).tolist() == ["unknown"]  # outside every bin: unknown, not "nan"
     frame = pd.DataFrame({"age_approx": ages, "sex": ["male", "female", "", "male", "female", "male", "x", "y", "z"],
                           "score": [str(i) for i in range(9)]})
     groups = subgroup_columns(frame, {"age_approx": None, "sex": None, "score": None})

@@ -3,7 +3,8 @@
 Every metric is computed for all resamples at once on a (resamples x images) matrix, so
 1,000+ resamples of a 1,000-image test set take about a second. The point estimate is the
 same code applied to the unresampled set; ``tests/test_confidence.py`` checks it against
-scikit-learn.
+scikit-learn. Sensitivity, recall and specificity are the exception: each is a proportion of one
+class's fixed count, and gets Wilson's score interval (:func:`proportion_interval`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import norm, rankdata
+from scipy.stats import binomtest, norm, rankdata
 
 from melanoma.metrics import pauc_above_tpr, predictive_values
 
 THRESHOLD_METRICS = ("accuracy", "f1", "precision", "recall", "sensitivity", "specificity", "balanced_accuracy",
                      "ppv_at_prevalence", "npv_at_prevalence")
 RANKING_METRICS = ("auc", "pauc_80", "ece", "brier")
+PROPORTIONS = {"sensitivity": 1, "recall": 1, "specificity": 0}  # metric -> the class it is a proportion of
 
 
 def _div(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.ndarray:
@@ -103,10 +105,36 @@ def bc_interval(point: float, samples: np.ndarray, level: float) -> dict:
     return {"value": float(point), "ci": [float(min(lo, point)), float(max(hi, point))]}
 
 
+def proportion_interval(hits: int, n: int, level: float) -> dict:
+    """A proportion ``hits / n`` and its Wilson score interval (scipy's ``binomtest``).
+
+    Sensitivity and specificity are proportions of one class's images, whose count the stratified
+    resamples keep fixed, so their bootstrap is a binomial resample with a percentile (Wald-like)
+    interval, which collapses to a point at 0 or 1: five of five malignant images found gave
+    ``[1, 1]``. Wilson's interval does not (5 of 5: ``[0.57, 1]``; 1 of 1: ``[0.21, 1]``) and stays
+    near its level for small ``n`` (Brown, Cai and DasGupta, 2001). ``None`` for ``n = 0``.
+    """
+    if n == 0:
+        return {"value": None, "ci": None}
+    ci = binomtest(int(hits), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return {"value": hits / n, "ci": [float(ci.low), float(ci.high)]}
+
+
+def proportions_at(labels: np.ndarray, probs: np.ndarray, threshold: float, level: float) -> dict[str, dict]:
+    """Sensitivity, recall and specificity at ``threshold``, each with :func:`proportion_interval`."""
+    called = np.asarray(probs) >= threshold
+    out = {}
+    for key, cls in PROPORTIONS.items():
+        members = np.asarray(labels) == cls
+        out[key] = proportion_interval(int((called[members] == bool(cls)).sum()), int(members.sum()), level)
+    return out
+
+
 def metrics_with_ci(labels: Sequence[int], probs: Sequence[float], thresholds: Mapping[str, float],
                     prevalence: float = 0.05, n_resamples: int = 1000, level: float = 0.95,
                     seed: int = 0) -> dict:
-    """Every metric at every threshold, each with a bootstrap confidence interval (stratified, BC).
+    """Every metric at every threshold, each with a bootstrap confidence interval (stratified, BC;
+    Wilson's for sensitivity, recall and specificity).
 
     Args:
         labels: true 0/1 labels of the test images.
@@ -131,9 +159,8 @@ def metrics_with_ci(labels: Sequence[int], probs: Sequence[float], thresholds: M
     for name, threshold in thresholds.items():
         point = ranking_point | _at_threshold(y[None], p[None], threshold, prevalence)
         boot = ranking_boot | _at_threshold(yb, pb, threshold, prevalence)
-        out[name] = {"threshold": float(threshold),
-                     "metrics": {k: bc_interval(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS,
-                                                                                       *RANKING_METRICS)}}
+        metrics = {k: bc_interval(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS, *RANKING_METRICS)}
+        out[name] = {"threshold": float(threshold), "metrics": metrics | proportions_at(y, p, threshold, level)}
     missing = sorted({k for block in out.values() for k, v in block["metrics"].items() if v["value"] is None})
     if missing:
         reason = (f"the test set holds only {'malignant' if y.any() else 'benign'} images"

@@ -3,9 +3,10 @@
 Models fail unevenly: published audits found AUC drops of 0.27-0.36 on dark skin for models trained
 on fair-skinned archives. For every subgroup column (age bins, sex, site, any categorical metadata,
 and the estimated skin tone of :mod:`melanoma.skin_tone`) and every level of it, the card holds n,
-positives, the AUC, and the sensitivity and specificity at the operating point, each with a
-stratified bootstrap CI (bias-corrected, as :func:`melanoma.confidence.metrics_with_ci`). A subgroup with
-too few images of a class has that metric listed as unavailable with the reason; one whose
+positives, the AUC with a stratified bootstrap CI (bias-corrected, as
+:func:`melanoma.confidence.metrics_with_ci`), and the sensitivity and specificity at the operating
+point with Wilson intervals. A subgroup with too few images of a class has that metric listed as
+unavailable with the reason; one with at least ``MIN_PER_CLASS`` malignant images whose
 sensitivity CI lies wholly below the overall sensitivity is flagged.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from melanoma.confidence import auc_rows, bc_interval, stratified_resamples
+from melanoma.confidence import auc_rows, bc_interval, proportions_at, stratified_resamples
 from melanoma.metadata import UNKNOWN, MetadataEncoder, is_missing
 from melanoma.skin_tone import CATEGORIES
 
@@ -24,14 +25,14 @@ AGE_BINS = (0, 30, 45, 60, 75, np.inf)
 AGE_LABELS = ("<30", "30-44", "45-59", "60-74", "75+")
 # Levels with a natural order are listed in it (ages young to old, skin tones light to dark), the rest by name.
 ORDER = {level: i for i, level in enumerate((*AGE_LABELS, *(name for name, _ in CATEGORIES)))}
-MIN_PER_CLASS = 5  # images of each class below which a subgroup's AUC is not reported
+MIN_PER_CLASS = 5  # images of each class below which a subgroup's AUC is not reported, nor its sensitivity flagged
 
 
 def age_bin(values: pd.Series) -> pd.Series:
     """Age in years as the bins ``<30``, ``30-44``, ``45-59``, ``60-74``, ``75+``; missing as ``unknown``."""
     numbers = pd.to_numeric(values, errors="coerce")
     binned = pd.cut(numbers, AGE_BINS, right=False, labels=list(AGE_LABELS)).astype(object)
-    return binned.where(numbers.notna(), UNKNOWN)
+    return binned.where(binned.notna(), UNKNOWN)  # missing, or outside the bins (a negative age)
 
 
 def subgroup_columns(frame: pd.DataFrame, columns: Mapping[str, str | None]) -> dict[str, pd.Series]:
@@ -51,17 +52,11 @@ def subgroup_columns(frame: pd.DataFrame, columns: Mapping[str, str | None]) -> 
 
 def _with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_resamples: int, level: float,
              seed: int) -> dict[str, dict]:
-    """AUC, sensitivity and specificity of one subset, each with its stratified bootstrap BC interval."""
+    """AUC (stratified bootstrap BC interval), sensitivity and specificity (Wilson intervals) of one subset."""
     idx = stratified_resamples(y, n_resamples, seed)
-    out = {}
-    for key, rows in (("point", (y[None], p[None])), ("boot", (y[idx], p[idx]))):
-        yy, pp = rows
-        called, truth = pp >= threshold, yy.astype(bool)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[key] = {"auc": auc_rows(yy, pp),
-                        "sensitivity": (called & truth).sum(1) / truth.sum(1),
-                        "specificity": (~called & ~truth).sum(1) / (~truth).sum(1)}
-    return {k: bc_interval(out["point"][k][0], out["boot"][k], level) for k in ("auc", "sensitivity", "specificity")}
+    proportions = proportions_at(y, p, threshold, level)
+    return {"auc": bc_interval(auc_rows(y[None], p[None])[0], auc_rows(y[idx], p[idx]), level),
+            "sensitivity": proportions["sensitivity"], "specificity": proportions["specificity"]}
 
 
 def report_card(labels: np.ndarray, probs: np.ndarray, threshold: float, groups: Mapping[str, pd.Series],
@@ -99,7 +94,8 @@ def report_card(labels: np.ndarray, probs: np.ndarray, threshold: float, groups:
                 if count == 0:
                     row["unavailable"][key] = f"no {what} images"
             sens, whole_sens = row["sensitivity"], overall["sensitivity"]["value"]
-            row["flagged"] = bool(sens["ci"] is not None and whole_sens is not None and sens["ci"][1] < whole_sens)
+            row["flagged"] = bool(n_pos >= MIN_PER_CLASS and sens["ci"] is not None and whole_sens is not None
+                                  and sens["ci"][1] < whole_sens)
             rows.append(row)
     return {"threshold": float(threshold), "overall": overall, "rows": rows,
             "bootstrap": {"n_resamples": n_resamples, "level": level, "seed": seed, "stratified": True},
