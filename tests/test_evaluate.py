@@ -112,6 +112,25 @@ def test_predict_probs_averages_views_per_model_from_one_decoded_batch() -> None
     assert not np.allclose(out, predict_probs(models, loader, CPU, "none"))
 
 
+def test_a_saturated_logit_is_calibrated_at_test_time_as_its_oof_twin_was() -> None:
+    """OOF probabilities are clipped to [1e-7, 1 - 1e-7] before the temperature: inference clips the logits to
+    the same range, so a threshold chosen among saturated OOF scores means the same on the test set."""
+    from melanoma.calibration import apply_temperature
+
+    logits = torch.tensor([-20.0, -3.0, 0.5, 25.0])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits[: len(x), None] + 0 * x.sum((1, 2, 3))[:, None]
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 3, 4, 4), torch.zeros(4)),
+                                         batch_size=4)
+    out = predict_probs([Fixed(), Fixed()], loader, CPU, "none", [3.0, 1.0])
+    oof = apply_temperature(torch.sigmoid(logits).numpy(), 3.0)  # what training stores for the same model
+    assert np.allclose(out[0], oof, rtol=1e-5) and out[0][0] == pytest.approx(0.0046, abs=1e-4)
+    assert np.allclose(out[1], torch.sigmoid(logits).numpy())  # temperature 1: untouched, as in training
+
+
 def test_another_labelled_set_via_data_override(run_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
     folder = tmp_path / "other"
     for cls in ("benign", "malignant"):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from melanoma.calibration import scale_logits
 from melanoma.checkpoint import atomic_path
 from melanoma.data import load_image
 from melanoma.errors import ConfigError, ExportError
@@ -83,6 +84,7 @@ class EnsembleGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+        self.scales = [float(t) for t in temperatures]  # traced as constants, with inference's clipping
         self.tta = tta
         self.edges = [int(e) for e in np.cumsum([0, *widths])] if widths else []
 
@@ -95,7 +97,7 @@ class EnsembleGraph(nn.Module):
             extra = []
             if self.edges:
                 extra = [metadata[:, self.edges[i]:self.edges[i + 1]].repeat(len(views), 1)]
-            logits = model(batch, *extra).float().reshape(len(views), -1) / self.temperatures[i]
+            logits = scale_logits(model(batch, *extra).float().reshape(len(views), -1), self.scales[i])
             total = total + torch.sigmoid(logits).mean(0)
         return total / len(self.models)
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from melanoma.calibration import scale_logits
 from melanoma.checkpoint import load_checkpoint
 from melanoma.data import ImageDataset, make_loader, resolve_num_workers
 from melanoma.errors import ConfigError, DataError, WeightsError, raise_if_stopped
@@ -202,7 +203,7 @@ def predict_probs(models: list[nn.Module], loader: DataLoader, runtime: Runtime,
         for i, (model, temperature) in enumerate(zip(models, temperatures, strict=True)):
             extra = [metadata[0][:, offsets[i]:offsets[i + 1]]] if metadata else []  # this model's own encoding
             with runtime.autocast():
-                probs = [torch.sigmoid(model(v, *extra).squeeze(1).float() / temperature) for v in views]
+                probs = [torch.sigmoid(scale_logits(model(v, *extra).squeeze(1).float(), temperature)) for v in views]
             out[i].append(torch.stack(probs).mean(0))
     return np.stack([torch.cat(p).cpu().numpy() for p in out])
 
