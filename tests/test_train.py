@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -50,6 +51,7 @@ def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -
         best_auc = history.loc[history["epoch"] == ckpt["epoch"], "val_auc"].item()
         assert best_auc == pytest.approx(history["val_auc"].max())  # best.pt is the best epoch by AUC
         assert ckpt["metrics"]["auc"] == pytest.approx(best_auc)
+        assert metrics["folds"][k]["last_epoch_auc"] == pytest.approx(history["val_auc"].iloc[-1])
         Image.open(run_dir / f"fold{k}" / "confusion_matrix.png").verify()
     for name in ("confusion_matrix.png", "loss_curves.png", "roc_curve.png"):
         Image.open(run_dir / name).verify()
@@ -63,6 +65,19 @@ def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -
     for key in METRICS:
         assert math.isfinite(on_disk["mean"][key]) and math.isfinite(on_disk["std"][key])
         assert math.isfinite(on_disk["oof"][key])
+    assert on_disk["mean"]["last_epoch_auc"] == pytest.approx(np.mean([f["last_epoch_auc"] for f in on_disk["folds"]]))
+    assert on_disk["mean"]["last_epoch_auc"] <= on_disk["mean"]["auc"]  # the best epoch's AUC bounds the last's
+
+
+def test_the_summary_says_how_much_best_epoch_selection_flatters_the_cv_auc() -> None:
+    from melanoma.cli.train import _selection_note
+
+    metrics = {"mean": {"auc": 0.804, "last_epoch_auc": 0.763}}
+    assert _selection_note(metrics) == ("\nmean AUC at each fold's last epoch: 0.7630 (the best epochs were chosen on "
+                                        "the validation folds themselves, so the CV AUC above is optimistic by up to "
+                                        "+0.0410)")
+    assert _selection_note({"mean": {"auc": 0.8, "last_epoch_auc": 0.8}}) == ""  # every last epoch was the best
+    assert _selection_note({"mean": {"auc": None, "last_epoch_auc": None}}) == ""
 
 
 def test_the_run_records_its_resolved_config_and_preprocessing(tiny_run: tuple[Path, dict], tiny_data: Path,

@@ -322,7 +322,9 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
         # averages probabilities of one scale, and the OOF thresholds hold for it.
         temperature = fit_temperature(va["label"], result.probs) if calibrate else 1.0
         temperatures.append(temperature)
-        folds.append({"fold": k, "best_epoch": result.best_epoch, "temperature": temperature} | result.metrics)
+        last_auc = result.history["val_auc"].iloc[-1]  # beside the best epoch's: that one was chosen on this fold
+        folds.append({"fold": k, "best_epoch": result.best_epoch, "temperature": temperature} | result.metrics
+                     | {"last_epoch_auc": None if pd.isna(last_auc) else float(last_auc)})
         oof.append(va[["path", "label"]].assign(fold=k, prob=apply_temperature(result.probs, temperature),
                                                 prob_uncalibrated=result.probs))
         log.info("fold %d: best epoch %d, val auc %s, temperature %.3f", k, result.best_epoch, result.metrics["auc"],
@@ -350,7 +352,7 @@ def write_results(cv: CrossValidation, run_dir: Path, model_name: str, operating
         The content of ``metrics.json``.
     """
     oof = cv.oof
-    mean, std = summarize(cv.folds, METRICS)
+    mean, std = summarize(cv.folds, (*METRICS, "last_epoch_auc"))
     thresholds = choose_thresholds(oof["label"], oof["prob"])
     at_thresholds = {name: binary_metrics(oof["label"], oof["prob"], t) for name, t in thresholds.items()}
     write_csv(oof[["path", "label", "fold", "prob", "prob_uncalibrated"]], run_dir / "oof_predictions.csv")

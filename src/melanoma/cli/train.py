@@ -81,6 +81,15 @@ def _format_table(per_fold: list[dict], mean: dict, std: dict) -> str:
     return frame.to_string()
 
 
+def _selection_note(metrics: dict) -> str:
+    """A line on how much choosing each fold's best epoch on its own validation fold flatters the CV AUC."""
+    best, last = metrics["mean"]["auc"], metrics["mean"]["last_epoch_auc"]
+    if best is None or last is None or best <= last:  # e.g. every fold's last epoch was its best
+        return ""
+    return (f"\nmean AUC at each fold's last epoch: {last:.4f} (the best epochs were chosen on the validation folds "
+            f"themselves, so the CV AUC above is optimistic by up to {best - last:+.4f})")
+
+
 def train(cfg: DictConfig, run_dir: Path, sweep: dict | None = None) -> dict:
     """Cross-validate the configured model and write every output into ``run_dir``.
 
@@ -240,7 +249,8 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
          + _format_table(metrics["folds"], metrics["mean"], metrics["std"])
          + f"\npooled out-of-fold: AUC {metrics['oof']['auc']:.4f}; at the {operating_point} threshold "
          f"{threshold:.3g} sensitivity {at_point['sensitivity']:.3f}, specificity "
-         f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}")
+         f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}"
+         + _selection_note(metrics))
     warning = degenerate_operating_point(operating_point, threshold, at_point)
     if warning:
         log.warning("%s", warning)
