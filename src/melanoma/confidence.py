@@ -159,8 +159,10 @@ def metrics_with_ci(labels: Sequence[int], probs: Sequence[float], thresholds: M
     for name, threshold in thresholds.items():
         point = ranking_point | _at_threshold(y[None], p[None], threshold, prevalence)
         boot = ranking_boot | _at_threshold(yb, pb, threshold, prevalence)
-        metrics = {k: bc_interval(point[k][0], boot[k], level) for k in (*THRESHOLD_METRICS, *RANKING_METRICS)}
-        out[name] = {"threshold": float(threshold), "metrics": metrics | proportions_at(y, p, threshold, level)}
+        proportions = proportions_at(y, p, threshold, level)
+        out[name] = {"threshold": float(threshold),
+                     "metrics": {k: proportions[k] if k in proportions else bc_interval(point[k][0], boot[k], level)
+                                 for k in (*THRESHOLD_METRICS, *RANKING_METRICS)}}
     missing = sorted({k for block in out.values() for k, v in block["metrics"].items() if v["value"] is None})
     if missing:
         reason = (f"the test set holds only {'malignant' if y.any() else 'benign'} images"

@@ -71,16 +71,13 @@ def make_folds(labels: Sequence[int], folds: int = 3, seed: int = 0,
     if groups is None:
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     else:
-        if len(set(groups)) < folds:
-            raise DataError(f"only {len(set(groups))} distinct groups (of duplicates and data.group_column) for "
-                            f"cv.folds={folds}; lower cv.folds, or set cv.group_duplicates=false or "
-                            "data.group_column=null")
         for cls in (0, 1):  # scikit-learn checks images per class, not groups: a fold could lack the class
             holding = len(set(np.asarray(groups)[labels == cls].tolist()))
             if holding < folds:
                 raise DataError(f"class {cls}'s images lie in only {holding} groups (of duplicates and "
                                 f"data.group_column), fewer than cv.folds={folds}, so a fold would validate "
-                                "without it; lower cv.folds, or set data.group_column=null")
+                                "without it; lower cv.folds, or set data.group_column=null (or "
+                                "cv.group_duplicates=false)")
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.empty(len(labels), dtype=int)
     for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
