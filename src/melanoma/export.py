@@ -83,8 +83,7 @@ class EnsembleGraph(nn.Module):
         self.models = nn.ModuleList(models)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
-        self.scales = [float(t) for t in temperatures]  # traced as constants, with inference's clipping
+        self.temperatures = [float(t) for t in temperatures]  # traced as constants, with inference's clipping
         self.tta = tta
         self.edges = [int(e) for e in np.cumsum([0, *widths])] if widths else []
 
@@ -97,7 +96,7 @@ class EnsembleGraph(nn.Module):
             extra = []
             if self.edges:
                 extra = [metadata[:, self.edges[i]:self.edges[i + 1]].repeat(len(views), 1)]
-            logits = scale_logits(model(batch, *extra).float().reshape(len(views), -1), self.scales[i])
+            logits = scale_logits(model(batch, *extra).float().reshape(len(views), -1), self.temperatures[i])
             total = total + torch.sigmoid(logits).mean(0)
         return total / len(self.models)
 

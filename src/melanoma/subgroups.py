@@ -94,8 +94,7 @@ def report_card(labels: np.ndarray, probs: np.ndarray, threshold: float, groups:
                 if count == 0:
                     row["unavailable"][key] = f"no {what} images"
             sens, whole_sens = row["sensitivity"], overall["sensitivity"]["value"]
-            row["flagged"] = bool(n_pos >= MIN_PER_CLASS and sens["ci"] is not None and whole_sens is not None
-                                  and sens["ci"][1] < whole_sens)
+            row["flagged"] = bool(n_pos >= MIN_PER_CLASS and whole_sens is not None and sens["ci"][1] < whole_sens)
             rows.append(row)
     return {"threshold": float(threshold), "overall": overall, "rows": rows,
             "bootstrap": {"n_resamples": n_resamples, "level": level, "seed": seed, "stratified": True},
