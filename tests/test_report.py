@@ -139,6 +139,8 @@ def test_pdf_has_one_page_per_section_and_two_per_run(runs: Path, report) -> Non
     best = report.runs[0]
     assert f"# Model card: {best.metrics['model']} ({best.dir.name})" in card
     assert f"AUC {best.metrics['mean']['auc']:.3f} ± {best.metrics['std']['auc']:.3f}" in card
+    ran = best.metrics["runtime"]
+    assert f"it trained in {ran['precision']} on the " in card and f"trainer.precision={ran['precision']}" in card
     if best.evaluation is not None:
         assert f"{best.evaluation.metrics['n_images']} images" in card
 

@@ -18,7 +18,7 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_auto_on_cpu_is_fp32_without_scaler_and_keeps_channels_last(native_bf16: bool,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)  # fp32 either way: same numbers
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)  # no image size: inference, fp32
     rt = resolve_runtime("auto", "auto", channels_last=True)
     assert (rt.device.type, rt.precision, rt.channels_last) == ("cpu", "fp32", True)
     assert rt.memory_format == torch.channels_last
@@ -26,6 +26,23 @@ def test_auto_on_cpu_is_fp32_without_scaler_and_keeps_channels_last(native_bf16:
     assert not rt.grad_scaler().is_enabled()
     off = resolve_runtime("cpu", "auto", channels_last=False)
     assert (off.channels_last, off.memory_format) == (False, torch.contiguous_format)
+
+
+@needs_no_cuda
+@pytest.mark.parametrize(("native_bf16", "image_size", "expected"), [
+    (False, 224, "fp32"), (False, 128, "fp32"),  # emulated bf16 is slower than fp32 at every size
+    (True, 128, "fp32"), (True, 191, "fp32"),  # native, but below 192 px it bought Lite0 nothing, cost B0 17%
+    (True, 192, "bf16"), (True, 384, "bf16"),  # native, from 192 px: 1.2-1.8x faster steps
+])
+def test_auto_on_cpu_trains_in_bf16_only_where_native_and_from_192_px(native_bf16: bool, image_size: int,
+                                                                      expected: str,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    rt = resolve_runtime("cpu", "auto", image_size=image_size)
+    assert rt.precision == expected and not rt.grad_scaler().is_enabled()
+    assert "emulated" not in caplog.text
+    assert resolve_runtime("cpu", "fp32", image_size=image_size).precision == "fp32"  # an explicit choice stands
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])

@@ -62,6 +62,8 @@ def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["n_images"] == 150 and on_disk["n_skipped"] == 0 and len(on_disk["folds"]) == 3
+    if not torch.cuda.is_available():  # what trainer.precision=auto resolved to, recorded: fp32 at 32 px
+        assert on_disk["runtime"] == {"device": "cpu", "precision": "fp32", "channels_last": True}
     for key in METRICS:
         assert math.isfinite(on_disk["mean"][key]) and math.isfinite(on_disk["std"][key])
         assert math.isfinite(on_disk["oof"][key])

@@ -69,6 +69,7 @@ class Runtime:
 
 
 RUNTIME_KEYS = ("device", "precision", "channels_last")  # the runtime config group: resolve_runtime's arguments
+CPU_BF16_MIN_SIZE = 192  # training images from this size up: where native bf16 paid for every model measured
 
 
 def cpu_has_native_bf16() -> bool:
@@ -77,24 +78,28 @@ def cpu_has_native_bf16() -> bool:
     Measured on 2 cores with AVX-512-BF16 (docs/benchmarks.md): channels-last bf16 trained
     EfficientNet-Lite0 1.4x faster than fp32 at 192-224 px, ResNet34 1.6-1.8x, but at 128 px
     Lite0 no faster and EfficientNet-B0 1.2x slower; elsewhere oneDNN emulates bf16, slower
-    than fp32. ``trainer.precision=bf16`` warns where it is emulated.
+    than fp32. ``trainer.precision=bf16`` warns where it is emulated; ``auto`` uses it from
+    ``CPU_BF16_MIN_SIZE`` px up where it is native.
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, on x86 builds
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
-                    channels_last: bool = True) -> Runtime:
+                    channels_last: bool = True, image_size: int | None = None) -> Runtime:
     """Resolve ``auto`` choices against the machine.
 
     Args:
         device: ``auto`` picks CUDA when available, else the CPU.
         precision: ``auto`` is bf16 autocast on GPUs that support it (Ampere and newer: no
-            GradScaler, no overflow), fp16 with a GradScaler on older GPUs, fp32 on the CPU (the
-            same numbers on every CPU host; docs/benchmarks.md for when ``bf16`` pays there).
+            GradScaler, no overflow), fp16 with a GradScaler on older GPUs; on the CPU it is bf16
+            where the CPU has it natively and ``image_size`` is at least ``CPU_BF16_MIN_SIZE``
+            (1.2-1.8x faster training steps there, the same AUC: docs/benchmarks.md), else fp32.
         channels_last: channels-last tensors for models and batches, on CUDA and on the CPU alike
             (on a 2-core CPU it made an fp32 training step of EfficientNet-Lite0 1.57x faster,
             docs/benchmarks.md).
+        image_size: the training image size, for ``auto`` on the CPU; ``None`` (inference, and
+            callers that do not train) keeps the CPU in fp32.
 
     Returns:
         The resolved runtime.
@@ -113,8 +118,11 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
     if precision == "auto":
         # Compute capability 8+ (Ampere) has bf16 units; is_bf16_supported() also says yes to emulated bf16.
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        precision = ("bf16" if torch.cuda.get_device_capability(local)[0] >= 8 else "fp16") if device == "cuda" \
-            else "fp32"
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.get_device_capability(local)[0] >= 8 else "fp16"
+        else:  # at 128 px native bf16 bought Lite0 nothing and cost EfficientNet-B0 17%
+            pays = image_size is not None and image_size >= CPU_BF16_MIN_SIZE and cpu_has_native_bf16()
+            precision = "bf16" if pays else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs CUDA; use trainer.precision=fp32 or bf16 on the CPU")
     if precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():

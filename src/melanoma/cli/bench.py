@@ -86,7 +86,7 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> dict:
     b, d, m = cfg.bench, cfg.data, cfg.model
     if b.steps < 1 or b.warmup < 1:
         raise ConfigError(f"bench.steps={b.steps} and bench.warmup={b.warmup} must both be at least 1")
-    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last, d.image_size)
     seed_everything(cfg.seed)
     if d.synthetic:
         generate_dataset(d.root, **d.synthetic)

@@ -153,7 +153,7 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     trainer = config["trainer"]
     optimizer, schedule = OptimizerSettings(**config["optimizer"]), ScheduleSettings(**config["scheduler"])
     settings = TrainSettings(**{k: v for k, v in trainer.items() if k not in RUNTIME_KEYS})
-    runtime = resolve_runtime(**{k: trainer[k] for k in RUNTIME_KEYS})
+    runtime = resolve_runtime(**{k: trainer[k] for k in RUNTIME_KEYS}, image_size=config["data"]["image_size"])
     run_dir = broadcast(run_dir, runtime)  # torchrun: every rank uses rank 0's run directory
     main = runtime.is_main
     log.info("device %s, precision %s, rank %d of %d", runtime.device, runtime.precision, runtime.rank,
@@ -241,6 +241,8 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
     metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],
                             n_images=int(len(train_set)), n_positive=int(labels.sum()), n_skipped=len(bad),
                             grouped_folds=bool(keys), group_column=group_column,
+                            runtime={"device": runtime.device.type, "precision": runtime.precision,
+                                     "channels_last": runtime.channels_last},  # what `auto` resolved to here
                             skipped_files=[{"path": p, "reason": r} for p, r in bad])
     record_run(run_dir, config, preprocess.to_dict())
     plot_run(run_dir, THRESHOLD)

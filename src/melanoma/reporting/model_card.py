@@ -228,13 +228,16 @@ def model_card(run: Run, export: dict | None = None) -> str:
     lines += ["## Caveats and recommendations", "", *[f"- {c}" for c in caveats], ""]
 
     recorded = (run.dir / ".hydra" / "overrides.yaml").is_file()
+    ran = m.get("runtime")  # trainer.precision=auto resolves per machine: name what this run trained in
+    trained_in = (f"; it trained in {ran['precision']} on the {'GPU' if ran['device'] == 'cuda' else 'CPU'} "
+                  f"(trainer.precision={ran['precision']} asks for that elsewhere)") if ran else ""
     lines += ["## How to reproduce", "", "```",
               f"melanoma-train {' '.join(run.overrides)}".rstrip() if recorded else
               "# the run was not started by melanoma-train (no .hydra/overrides.yaml): its every key is in config.yaml",
               f"melanoma-eval ckpt={run.dir}", "```", "",
               f"at commit {origin.get('commit') or '(not recorded: provenance.json is missing)'}"
               f"{' plus uncommitted changes' if origin.get('dirty') else ''}; the resolved config is "
-              f"`{run.dir / 'config.yaml'}`.", ""]
+              f"`{run.dir / 'config.yaml'}`{trained_in}.", ""]
     return "\n".join(lines)
 
 
