@@ -94,7 +94,8 @@ def resolve_runtime(device: Device = "auto", precision: Precision = "auto",
         precision: ``auto`` is bf16 autocast on GPUs that support it (Ampere and newer: no
             GradScaler, no overflow), fp16 with a GradScaler on older GPUs; on the CPU it is bf16
             where the CPU has it natively and ``image_size`` is at least ``CPU_BF16_MIN_SIZE``
-            (1.2-1.8x faster training steps there, the same AUC: docs/benchmarks.md), else fp32.
+            (1.2-1.8x faster training steps there; no loss of AUC where it was checked, at 128 px:
+            docs/benchmarks.md), else fp32.
         channels_last: channels-last tensors for models and batches, on CUDA and on the CPU alike
             (on a 2-core CPU it made an fp32 training step of EfficientNet-Lite0 1.57x faster,
             docs/benchmarks.md).
