@@ -188,3 +188,38 @@ def test_empty_or_missing_splits_are_reported_not_assumed(planted, tmp_path: Pat
     summary = run_audit(make_config([f"data.root={data}"], "audit_run"), tmp_path / "out")
     assert summary["missing_splits"] == ["test"] and summary["empty_classes"] == ["train/malignant"]
     assert summary["test_with_train_duplicate_share"] is None and summary["pairs_crossing_folds"] is None
+
+
+def test_shared_patients_are_the_test_images_of_training_patients() -> None:
+    records = pd.DataFrame({
+        "path": [f"{i}.jpg" for i in range(8)],
+        "split": ["train", "train", "train", "test", "test", "test", "test", "test"],
+        "patient_id": ["p1", "p2", "", "p1", " p2", "p3", "", "unknown"],
+    })
+    # p1 and p2 (stripped) have train images; an empty or "unknown" id joins no patient, not even another empty one
+    assert audit.shared_patient_paths(records[:3], records[3:], "patient_id") == {"3.jpg", "4.jpg"}
+    leaks = audit.patient_leaks(records, "patient_id")
+    assert leaks == {"column": "patient_id", "patients_in_both_splits": 2, "test_with_train_patient": 2,
+                     "test_with_train_patient_share": 0.4}
+    assert audit.patient_warning(leaks).startswith("2 test images (40.0%) share one of 2 patients "
+                                                   "(data.group_column=patient_id)")
+    apart = records.assign(patient_id=["p1", "p2", "", "p4", "p5", "p3", "", ""])
+    assert audit.patient_leaks(apart, "patient_id")["test_with_train_patient"] == 0
+    assert audit.patient_warning(audit.patient_leaks(apart, "patient_id")) is None
+    assert audit.patient_warning(None) is None
+
+
+def test_audit_cli_counts_test_images_of_training_patients(planted, tmp_path: Path, capsys) -> None:
+    root, _ = planted
+    records = load_records("kaggle", root)
+    test = records.index[records["split"] == "test"]
+    records["patient_id"] = [f"p{i}" for i in range(len(records))]  # every image its own patient ...
+    records.loc[test[:3], "patient_id"] = records["patient_id"].iloc[0]  # ... but 3 test images are train's first
+    records.to_csv(tmp_path / "m.csv", index=False)
+    summary = run_audit(make_config(["data=csv", f"data.manifest={tmp_path / 'm.csv'}", "data.root=/",
+                                     "data.group_column=patient_id"], "audit_run"), tmp_path / "out")
+    assert summary["patients"]["test_with_train_patient"] == 3 and summary["patients"]["patients_in_both_splits"] == 1
+    assert json.loads((tmp_path / "out" / "audit.json").read_text())["patients"] == summary["patients"]
+    printed = capsys.readouterr().out
+    assert "3 test images share a patient (patient_id) with train" in printed
+    assert "warning: 3 test images" in printed

@@ -65,10 +65,14 @@ def test_groups_join_images_that_share_any_key() -> None:
     assert merge_groups(["NA", "unknown", "NA", "p1", "p1"]).tolist() == [0, 1, 2, 3, 3]  # nor does "NA"
 
 
-def test_patient_folds_keep_every_patient_in_one_fold(tiny_data, tmp_path) -> None:
-    """data.group_column=patient_id: no patient is validated on by a model that trained on them (#15)."""
+def test_patient_folds_keep_every_patient_in_one_fold(tiny_data, tmp_path, caplog) -> None:
+    """data.group_column=patient_id: no patient is validated on by a model that trained on them (#15);
+    test images of training patients are counted, warned of and left out of eval's deduplicated metrics."""
+    import json
+
     import pandas as pd
 
+    from melanoma.cli.evaluate import evaluate_run
     from melanoma.cli.train import train
     from melanoma.data import load_records
 
@@ -88,3 +92,28 @@ def test_patient_folds_keep_every_patient_in_one_fold(tiny_data, tmp_path) -> No
     assert known.groupby("patient_id")["group"].nunique().max() == 1
     assert metrics["grouped_folds"] is True and metrics["group_column"] == "patient_id"
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
+
+    # ~40 patients over train and test: many test images share a patient with train
+    train_ids = set(records.loc[(records["split"] == "train") & (records["patient_id"] != ""), "patient_id"])
+    test = records[records["split"] == "test"]
+    shared = test[test["patient_id"].isin(train_ids)]
+    assert 0 < len(shared) < len(test)
+    expected = {"column": "patient_id", "patients_in_both_splits": shared["patient_id"].nunique(),
+                "test_with_train_patient": len(shared), "test_with_train_patient_share": len(shared) / len(test)}
+    assert metrics["patients"] == expected
+    assert json.loads((tmp_path / "run" / "audit.json").read_text())["patients"] == expected
+    assert any(f"{len(shared)} test images" in r.message and "share one of" in r.message for r in caplog.records)
+
+    result = evaluate_run(make_config([f"ckpt={tmp_path / 'run'}", "eval.n_resamples=50", "eval.num_workers=0",
+                                       "eval.subgroups=false"], "eval"), tmp_path / "eval")
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv", keep_default_na=False)
+    assert set(pred.loc[pred["shares_train_patient"], "path"]) == set(shared["path"])
+    dedup = result["dedup"]
+    assert dedup["n_shared_patient"] == len(shared) and dedup["patient_column"] == "patient_id"
+    removed = pred["shares_train_patient"] | pred["has_train_duplicate"]
+    assert dedup["n_removed"] == removed.sum() and dedup["n_images"] == len(pred) - removed.sum()
+    from melanoma.reporting.model_card import find_run, model_card
+
+    card = model_card(find_run(tmp_path / "run", (tmp_path / "eval",)))
+    assert f"{len(shared)} test images share a patient (`patient_id`) with the training split" in card
+    assert "test images that have a near-duplicate in train or share a patient with it: AUC" in card

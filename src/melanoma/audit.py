@@ -49,6 +49,7 @@ from melanoma.embeddings import MODEL as EMBEDDING_MODEL
 from melanoma.embeddings import VERSION as EMBEDDING_VERSION
 from melanoma.embeddings import image_embeddings, similar_pairs
 from melanoma.errors import ConfigError, DataError, WeightsError
+from melanoma.metadata import is_missing
 
 HASH_VERSION = 2  # 2: the centre-crop hashes (ZOOMS)
 _GRID, _KEEP = 32, 12  # hash the lowest 12x12 DCT frequencies of a 32x32 image, DC left out
@@ -353,6 +354,53 @@ def leaked_test_paths(pairs: pd.DataFrame) -> set[str]:
     return set(cross.loc[cross["split_a"] == "test", "path_a"]) | set(cross.loc[cross["split_b"] == "test", "path_b"])
 
 
+def shared_patient_paths(train: pd.DataFrame, scored: pd.DataFrame, column: str) -> set[str]:
+    """Scored images whose patient also has an image among the training records.
+
+    A patient's other lesions, and other photos of one lesion taken another day, share skin, camera
+    and clinic with it without being duplicates: a test split that shares patients with the
+    training split flatters the model as duplicates do.
+
+    Args:
+        train, scored: records with ``path`` and ``column``.
+        column: the patient id (``data.group_column``); a missing id (empty, ``NA``, ``unknown``:
+            :func:`melanoma.metadata.is_missing`) joins no patient.
+    """
+    known = set(_patient_ids(train, column).dropna())
+    ids = _patient_ids(scored, column)
+    return set(scored.loc[(ids.notna() & ids.isin(known)).to_numpy(), "path"])
+
+
+def patient_leaks(records: pd.DataFrame, column: str) -> dict:
+    """How far the test split shares patients with the training split (records with ``split``).
+
+    Returns:
+        ``{"column", "patients_in_both_splits", "test_with_train_patient",
+        "test_with_train_patient_share"}`` (the share ``None`` without a test split).
+    """
+    train, test = records[records["split"] == "train"], records[records["split"] == "test"]
+    shared = shared_patient_paths(train, test, column)
+    both = set(_patient_ids(train, column).dropna()) & set(_patient_ids(test, column).dropna())
+    return {"column": column, "patients_in_both_splits": len(both), "test_with_train_patient": len(shared),
+            "test_with_train_patient_share": len(shared) / len(test) if len(test) else None}
+
+
+def patient_warning(leaks: Mapping | None) -> str | None:
+    """The one warning line for a test split that shares patients with train (``None`` if it does not)."""
+    if not leaks or not leaks["test_with_train_patient"]:
+        return None
+    return (f"{leaks['test_with_train_patient']} test images ({leaks['test_with_train_patient_share']:.1%}) share one "
+            f"of {leaks['patients_in_both_splits']} patients (data.group_column={leaks['column']}) with the training "
+            "split, so the test metrics are optimistic (melanoma-eval also reports them without those images); "
+            "assign the manifest's split column by patient to remove the leak")
+
+
+def _patient_ids(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Each image's patient id as text, ``None`` where it is missing."""
+    values = frame[column].astype(object)
+    return values.astype(str).str.strip().where(~is_missing(values), None)
+
+
 def _audit_summary(images: pd.DataFrame, pairs: pd.DataFrame, threshold: int, classes: tuple[str, str]) -> dict:
     counts = {split: {classes[label]: int(c) for label, c in part.groupby("label").size().items()}
               for split, part in images.groupby("split")}
@@ -385,6 +433,10 @@ def summary_line(summary: dict) -> str:
     share = summary["test_with_train_duplicate_share"]
     leak = (f"{summary['test_with_train_duplicate']} test images ({share:.1%}) have a near-duplicate in train"
             if share is not None else "no test split")
+    patients = summary.get("patients")
+    if patients and patients["test_with_train_patient_share"] is not None:
+        leak += (f"; {patients['test_with_train_patient']} test images share a patient "
+                 f"({patients['column']}) with train")
     return (f"{leak}; {summary['label_conflicts']} label conflicts; {summary['exact_duplicate_pairs']} exact and "
             f"{summary['near_duplicate_pairs']} near-duplicate pairs; {len(summary['unreadable'])} unreadable files")
 

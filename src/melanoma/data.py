@@ -274,13 +274,18 @@ def load_eval_set(data: Mapping, split: str, split_key: str = "eval.split",
     return records[["path", "label", *columns]].reset_index(drop=True), bad
 
 
-def training_images(data: Mapping) -> pd.DataFrame:
+def training_images(data: Mapping, columns: Sequence[str] = ()) -> pd.DataFrame:
     """The training split a run learned from, read again from its recorded data settings.
 
+    Args:
+        data: the run's ``data`` config.
+        columns: manifest columns to keep (e.g. ``data.group_column``).
+
     Raises:
-        DataError: it is no longer where the run found it.
+        DataError: it is no longer where the run found it (or its manifest lacks one of ``columns``).
     """
-    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False)
+    records = load_records(data["layout"], data["root"], tuple(data["classes"]), data.get("manifest"), strict=False,
+                           columns=columns)
     return records[records["split"] == "train"]
 
 

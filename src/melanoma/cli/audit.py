@@ -6,7 +6,8 @@
 Writes ``audit.json`` and ``duplicates.csv`` in its run directory and prints a one-line
 verdict. ``pairs_crossing_folds`` counts the duplicate pairs that plain (ungrouped) stratified
 folds with ``cv.folds`` and ``cv.seed`` would split, the leak that ``cv.group_duplicates``
-closes in training.
+closes in training. With ``data=csv data.group_column=patient_id`` it also counts the test
+images that share a patient with the training split.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from melanoma.audit import add_fold_crossings, audit_records, summary_line
+from melanoma.audit import add_fold_crossings, audit_records, patient_leaks, patient_warning, summary_line
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.cli import check_overrides
 from melanoma.data import load_records
@@ -35,12 +36,15 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     data = cfg.data
     if data.synthetic:
         generate_dataset(data.root, **data.synthetic)
-    records = load_records(data.layout, data.root, tuple(data.classes), data.manifest, strict=False)
+    column = data.get("group_column")
+    records = load_records(data.layout, data.root, tuple(data.classes), data.manifest, strict=False,
+                           columns=[column] if column else ())
     if records.empty:
         raise DataError(f"the dataset at {data.root} holds no images")
     images, pairs, summary = audit_records(records, cfg.audit.threshold, workers=cfg.audit.workers,
                                            classes=tuple(data.classes), method=cfg.audit.method,
                                            similarity=cfg.audit.similarity)
+    summary["patients"] = patient_leaks(records, column) if column else None
     train = images[(images["split"] == "train") & images["error"].isna()]
     if len(train) and train["label"].nunique() == 2 and train["label"].value_counts().min() >= cfg.cv.folds:
         folds = make_folds(train["label"].to_numpy(), cfg.cv.folds, cfg.cv.seed)
@@ -52,6 +56,8 @@ def run_audit(cfg: DictConfig, out_dir: Path) -> dict:
     for name in summary["empty_classes"]:
         print(f"note: {name} holds no images")
     print(f"{summary['n_images']} images audited: {summary_line(summary)}")
+    if warning := patient_warning(summary["patients"]):
+        print(f"warning: {warning}")
     if summary["pairs_crossing_folds"] is not None:
         print(f"random {cfg.cv.folds}-fold splits would put {summary['pairs_crossing_folds']} duplicate pairs "
               "across folds (cv.group_duplicates=true prevents it)")

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from melanoma import skin_tone
-from melanoma.audit import train_duplicates
+from melanoma.audit import shared_patient_paths, train_duplicates
 from melanoma.checkpoint import write_csv, write_json
 from melanoma.cli import check_overrides
 from melanoma.compare import paired_auc_difference
@@ -68,8 +68,11 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
         log.warning("%s", warning)
     subgroup_meta = _subgroup_metadata(data) if cfg.eval.subgroups else {}
+    # the run's patient column, where the scored manifest has it too: test images of training patients
+    patient = ensemble.config["data"].get("group_column")
+    patient = patient if patient and cfg.eval.dedup and patient in _manifest_header(data) else None
     columns = list(dict.fromkeys([*ensemble.metadata_columns, *(stacked.stacker.columns if stacked else []),
-                                  *subgroup_meta]))
+                                  *subgroup_meta, *([patient] if patient else [])]))
     eval_set, bad = load_eval_set(data, cfg.eval.split, columns=columns)
     log.info("%d models, %d images (%d malignant), tta %s", len(ensemble.models), len(eval_set),
              eval_set["label"].sum(), cfg.eval.tta)
@@ -95,16 +98,22 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     unavailable = results.pop("unavailable", {})
     dedup = None
     try:
-        train_images = training_images(ensemble.config["data"]) if cfg.eval.dedup else None
+        kept_columns = [patient] if patient else []
+        train_images = training_images(ensemble.config["data"], kept_columns) if cfg.eval.dedup else None
     except DataError as exc:
         log.warning("no deduplicated metrics: the run's training data cannot be read (%s)", exc)
         train_images = None
     if train_images is not None:
         leaked = train_duplicates(train_images, predictions, cfg.audit.threshold, cfg.audit.workers,
                                   cfg.audit.method, cfg.audit.similarity)
-        kept = predictions[~predictions["path"].isin(leaked)]
+        shared = shared_patient_paths(train_images, predictions, patient) if patient else set()
+        kept = predictions[~predictions["path"].isin(leaked | shared)]
         predictions["has_train_duplicate"] = predictions["path"].isin(leaked)
-        dedup = {"n_removed": len(leaked), "n_images": int(len(kept)), "n_positive": int(kept["label"].sum()),
+        if patient:
+            predictions["shares_train_patient"] = predictions["path"].isin(shared)
+        dedup = {"n_removed": len(leaked | shared), "n_duplicates": len(leaked),
+                 "n_shared_patient": len(shared) if patient else None, "patient_column": patient,
+                 "n_images": int(len(kept)), "n_positive": int(kept["label"].sum()),
                  "thresholds": metrics_with_ci(kept["label"], kept["prob"], thresholds, cfg.eval.prevalence,
                                                cfg.eval.n_resamples, cfg.eval.level, cfg.eval.seed)
                  if len(kept) else {}}
@@ -167,10 +176,11 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
               f"{format_interval(promise['test']['specificity'])} here")
     if dedup is not None and dedup["n_removed"] and not dedup["n_images"]:
         print(f"\nNo deduplicated metrics: all {dedup['n_removed']} scored images are training images or "
-              "near-duplicates of them")
+              f"near-duplicates of them{' or of training patients' if dedup['n_shared_patient'] else ''}")
     elif dedup is not None and dedup["n_removed"]:  # else the table would repeat the one above
-        print(f"\nWithout the {dedup['n_removed']} scored images that are in train or have a near-duplicate there "
-              f"({dedup['n_images']} left), at the {chosen_name} threshold:")
+        patients = f", or share a patient ({patient}) with it" if dedup["n_shared_patient"] else ""
+        print(f"\nWithout the {dedup['n_removed']} scored images that are in train or have a near-duplicate there"
+              f"{patients} ({dedup['n_images']} left), at the {chosen_name} threshold:")
         print(_side_by_side(results[chosen_name], dedup["thresholds"][chosen_name]))
     if card is not None:
         print(_card_summary(card))
@@ -180,14 +190,18 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
 
 def _subgroup_metadata(data: dict) -> dict:
     """The run's ``data.metadata`` columns that the scored manifest holds (other layouts: none)."""
-    columns = parse_columns(data.get("metadata") or [])
-    if data.get("layout") != "csv" or not columns or not data.get("manifest"):
-        return {}
+    header = _manifest_header(data)
+    return {name: kind for name, kind in parse_columns(data.get("metadata") or []).items() if name in header}
+
+
+def _manifest_header(data: dict) -> set[str]:
+    """The columns of the scored manifest (none for the folder layouts, or an unreadable manifest)."""
+    if data.get("layout") != "csv" or not data.get("manifest"):
+        return set()
     try:
-        header = set(pd.read_csv(Path(data["manifest"]).expanduser(), nrows=0).columns)
+        return set(pd.read_csv(Path(data["manifest"]).expanduser(), nrows=0).columns)
     except (OSError, ValueError):
-        return {}  # load_eval_set names the problem with the manifest
-    return {name: kind for name, kind in columns.items() if name in header}
+        return set()  # load_eval_set names the problem with the manifest
 
 
 def _card_summary(card: dict) -> str:

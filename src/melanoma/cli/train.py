@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from melanoma.audit import add_fold_crossings, summary_line
+from melanoma.audit import add_fold_crossings, patient_leaks, patient_warning, summary_line
 from melanoma.cache import build_cache
 from melanoma.checkpoint import CONFIG, comparable, config_changes, run_lock, write_csv, write_json
 from melanoma.cli import check_overrides
@@ -202,12 +202,17 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
         _check_resumed_folds(run_dir / "folds.csv", dict(zip(train_set["path"], fold_of.tolist(), strict=True)))
     if main:
         write_csv(train_set.assign(fold=fold_of)[columns], run_dir / "folds.csv")
+    # data.group_column needs data=csv, so the records of every split were read above
+    patients = patient_leaks(records, group_column) if group_column else None
     if training.summary is not None and main:
+        training.summary["patients"] = patients
         add_fold_crossings(training.pairs, training.summary, dict(zip(train_set["path"], fold_of, strict=True)))
         write_json(training.summary, run_dir / "audit.json")
         write_csv(training.pairs, run_dir / "duplicates.csv")
         _say(f"audit: {summary_line(training.summary)}; {training.summary['pairs_crossing_folds']} pairs cross "
              "folds")
+    if main and (warning := patient_warning(patients)):
+        log.warning("%s", warning)
     log.info("%d training images (%d malignant), %d folds; %d unreadable skipped",
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
@@ -240,7 +245,7 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
         return {}
     metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],
                             n_images=int(len(train_set)), n_positive=int(labels.sum()), n_skipped=len(bad),
-                            grouped_folds=bool(keys), group_column=group_column,
+                            grouped_folds=bool(keys), group_column=group_column, patients=patients,
                             runtime={"device": runtime.device.type, "precision": runtime.precision,
                                      "channels_last": runtime.channels_last},  # what `auto` resolved to here
                             skipped_files=[{"path": p, "reason": r} for p, r in bad])

@@ -183,7 +183,9 @@ def model_card(run: Run, export: dict | None = None) -> str:
         dedup = evaluation.get("dedup")
         if dedup and dedup.get("n_removed"):
             kept = (dedup["thresholds"].get(evaluation.get("operating_point")) or {}).get("metrics") or {}
-            lines.append(f"Without the {dedup['n_removed']} test images that have a near-duplicate in train: AUC "
+            shared = " or share a patient with it" if dedup.get("n_shared_patient") else ""
+            why = f"have a near-duplicate in train{shared}"
+            lines.append(f"Without the {dedup['n_removed']} test images that {why}: AUC "
                          f"{_ci(kept.get('auc'))} on {dedup['n_images']} images.")
         card = evaluation.get("subgroups")
         if card:
@@ -209,6 +211,11 @@ def model_card(run: Run, export: dict | None = None) -> str:
     if audit.get("pairs_crossing_splits"):
         caveats.append(f"{audit['pairs_crossing_splits']} near-duplicate pairs cross train and test: the test "
                        "numbers are optimistic (see the deduplicated AUC above).")
+    patients = m.get("patients") or {}
+    if patients.get("test_with_train_patient"):
+        caveats.append(f"{patients['test_with_train_patient']} test images share a patient "
+                       f"(`{patients['column']}`) with the training split: the test numbers are optimistic "
+                       "(the deduplicated AUC above leaves them out).")
     sens95 = at.get("sens95") or {}
     if sens95.get("specificity") is not None and sens95["specificity"] < 0.2:
         caveats.append(f"At sens95 the OOF specificity is only {_f(sens95['specificity'])}: that point calls "
