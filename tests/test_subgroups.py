@@ -11,6 +11,7 @@ import torch
 from kornia.color import lab_to_rgb, rgb_to_lab
 from sklearn.metrics import recall_score, roc_auc_score
 
+from melanoma.confidence import stratified_resamples
 from melanoma.skin_tone import category, ita, skin_mask
 from melanoma.subgroups import age_bin, card_table, report_card, subgroup_columns
 
@@ -85,6 +86,30 @@ def test_a_failing_subgroup_is_flagged_and_a_tiny_one_is_unavailable() -> None:
     assert rows["tiny"]["unavailable"]["specificity"] == "no benign images"
     table = card_table(card)
     assert table.loc[table["level"] == "tiny", "auc"].isna().all() and table["flagged"].tolist().count(True) == 1
+
+
+def test_a_subgroup_too_small_for_an_auc_is_not_bootstrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AUC of a subgroup under MIN_PER_CLASS of a class is never reported, so it is never resampled either:
+    only the overall set and the large groups are; their values are those of an unpatched card."""
+    import melanoma.subgroups as subgroups
+
+    y, p, group = _scored()
+    group = group.copy()
+    group.iloc[np.flatnonzero((group == "a").to_numpy())[:6]] = "tiny"
+    resampled = []
+
+    def counting(labels: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+        resampled.append(len(labels))
+        return stratified_resamples(labels, n_resamples, seed)
+
+    expected = report_card(y, p, 0.5, {"g": group}, n_resamples=200)
+    monkeypatch.setattr(subgroups, "stratified_resamples", counting)
+    card = report_card(y, p, 0.5, {"g": group}, n_resamples=200)
+    sizes = {r["level"]: r["n"] for r in card["rows"]}
+    assert sorted(resampled) == sorted([len(y), sizes["a"], sizes["b"], sizes["c"]])
+    assert card["rows"] == expected["rows"] and card["overall"] == expected["overall"]
+    assert {r["level"]: r["auc"]["value"] is None for r in card["rows"]} == {"a": False, "b": False, "c": False,
+                                                                              "tiny": True}
 
 
 def test_a_small_subgroup_gets_a_wide_interval_and_no_flag() -> None:

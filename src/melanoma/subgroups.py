@@ -51,12 +51,17 @@ def subgroup_columns(frame: pd.DataFrame, columns: Mapping[str, str | None]) -> 
 
 
 def _with_ci(y: np.ndarray, p: np.ndarray, threshold: float, n_resamples: int, level: float,
-             seed: int) -> dict[str, dict]:
-    """AUC (stratified bootstrap BC interval), sensitivity and specificity (Wilson intervals) of one subset."""
-    idx = stratified_resamples(y, n_resamples, seed)
+             seed: int, with_auc: bool = True) -> dict[str, dict]:
+    """AUC (stratified bootstrap BC interval), sensitivity and specificity (Wilson intervals) of one subset.
+
+    With ``with_auc=False`` the AUC is left as ``None`` and not bootstrapped at all.
+    """
     proportions = proportions_at(y, p, threshold, level)
-    return {"auc": bc_interval(auc_rows(y[None], p[None])[0], auc_rows(y[idx], p[idx]), level),
-            "sensitivity": proportions["sensitivity"], "specificity": proportions["specificity"]}
+    auc = {"value": None, "ci": None}
+    if with_auc:
+        idx = stratified_resamples(y, n_resamples, seed)
+        auc = bc_interval(auc_rows(y[None], p[None])[0], auc_rows(y[idx], p[idx]), level)
+    return {"auc": auc, "sensitivity": proportions["sensitivity"], "specificity": proportions["specificity"]}
 
 
 def report_card(labels: np.ndarray, probs: np.ndarray, threshold: float, groups: Mapping[str, pd.Series],
@@ -84,10 +89,10 @@ def report_card(labels: np.ndarray, probs: np.ndarray, threshold: float, groups:
             sub_y, sub_p = y[idx], p[idx]
             n_pos = int(sub_y.sum())
             n_neg = len(idx) - n_pos
+            enough = min(n_pos, n_neg) >= MIN_PER_CLASS  # else the AUC is not even bootstrapped
             row = {"column": column, "level": name, "n": int(len(idx)), "n_positive": n_pos,
-                   **_with_ci(sub_y, sub_p, threshold, n_resamples, level, seed), "unavailable": {}}
-            if min(n_pos, n_neg) < MIN_PER_CLASS:
-                row["auc"] = {"value": None, "ci": None}
+                   **_with_ci(sub_y, sub_p, threshold, n_resamples, level, seed, with_auc=enough), "unavailable": {}}
+            if not enough:
                 row["unavailable"]["auc"] = (f"{n_pos} malignant and {n_neg} benign images; an AUC needs at least "
                                              f"{MIN_PER_CLASS} of each")
             for key, count, what in (("sensitivity", n_pos, "malignant"), ("specificity", n_neg, "benign")):
