@@ -64,6 +64,7 @@ def test_every_cli_default_fits_its_schema(config: str, argv: list[str]) -> None
 
 # Values the schema (cli/schema.py) refuses: each is one line before anything runs.
 SCHEMA_ERRORS = [
+    ("train", ["cv.oof_tta=[flip,d8]"], r"^cv.oof_tta=\['flip', 'd8'\] must be a list of TTA modes from flip, d4"),
     ("train", ["data.batch_size=abc"], r"^data.batch_size='abc' must be an integer >= 1 \(see melanoma-x --help\)$"),
     ("train", ["+trainer.epoch=3"], r"^trainer.epoch is not a key of trainer \(close: epochs\); the keys are epochs,"),
     ("train", ["+optimizer.learning_rate=0.1"], r"optimizer.learning_rate is not a key of optimizer .*are name, lr,"),

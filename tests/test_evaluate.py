@@ -97,6 +97,34 @@ def test_d4_views_are_the_eight_symmetries_and_eval_records_tta(run_dir: Path, t
     assert json.loads((tmp_path / "d4" / "metrics.json").read_text())["tta"] == "d4"
 
 
+def test_eval_and_predict_with_flips_use_thresholds_chosen_on_flipped_oof_predictions(
+        run_dir: Path, tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture) -> None:
+    """cv.oof_tta=[flip] (the default): training scores its OOF images again with flips and picks thresholds on
+    those; eval.tta=flip and predict tta=flip apply them, and a mode the run lacks (d4) warns in one line."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    oof = pd.read_csv(run_dir / "oof_predictions.csv")
+    flip = metrics["thresholds_by_tta"]["flip"]
+    assert list(metrics["thresholds_by_tta"]) == ["flip"]
+    assert flip == pytest.approx(choose_thresholds(oof["label"], oof["prob_flip"]), rel=1e-6)
+    assert flip["sens95"] != metrics["thresholds"]["sens95"]  # the views moved it (little, for this tiny model)
+    caplog.set_level("WARNING")
+    result = evaluate_run(_eval_cfg(run_dir, "eval.tta=flip"), tmp_path / "flip")
+    assert result["threshold"] == pytest.approx(flip["sens95"])
+    promised = metrics["oof_at_thresholds_by_tta"]["flip"]["sens95"]
+    assert result["promises"]["sens95"]["oof"] == {k: promised[k] for k in ("sensitivity", "specificity")}
+    assert "cv.oof_tta" not in caplog.text
+    result = evaluate_run(_eval_cfg(run_dir, "eval.tta=d4"), tmp_path / "d4")
+    assert result["threshold"] == pytest.approx(metrics["thresholds"]["sens95"])  # no d4 set: the plain one
+    warned = [r.getMessage() for r in caplog.records if "cv.oof_tta=[d4]" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    table = predict_images(make_config([f"ckpt={run_dir}", f"input={tiny_data / 'test'}", "num_workers=0",
+                                        "tta=flip"], "predict"), tmp_path / "predict")
+    assert (table["decision"] == np.where(table["prob"] >= flip["sens95"], "malignant", "benign")).all()
+    assert f"at the sens95 threshold {flip['sens95']:.4f} " in capsys.readouterr().out
+    assert f"{flip['sens95']:.4f}" != f"{metrics['thresholds']['sens95']:.4f}"  # so the line tells them apart
+
+
 def test_predict_probs_averages_views_per_model_from_one_decoded_batch() -> None:
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.Flatten(), torch.nn.LazyLinear(1))

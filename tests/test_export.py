@@ -50,6 +50,10 @@ def test_the_export_gives_melanoma_evals_probabilities(run_dir: Path, tmp_path: 
     file = tmp_path / description["file"]
     assert file.is_file() and description["format"] == fmt and description["tta"] == tta
     assert description["check"]["max_abs_diff"] <= 1e-4 and description["check"]["n_images"] == 4
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # flips have thresholds of their own, d4 not
+    chosen = metrics["thresholds_by_tta"]["flip"] if tta == "flip" else metrics["thresholds"]
+    assert {k: v["threshold"] for k, v in description["thresholds"].items()} == chosen
+    assert description["thresholds_tta"] == ("flip" if tta == "flip" else "none")
     # against melanoma-eval's own predictions.csv, on images the export check did not pick
     scored = pd.read_csv(run_dir / f"eval_{tta}" / "predictions.csv")
     pre = load_ensemble(run_dir, CPU).preprocess

@@ -47,7 +47,7 @@ def test_real_images_train_calibrated_folds(real_run: Path) -> None:
     metrics = json.loads((real_run / "metrics.json").read_text())
     assert metrics["n_images"] == 48 and metrics["n_positive"] == 24 and metrics["calibration"] == "temperature"
     oof = pd.read_csv(real_run / "oof_predictions.csv")
-    assert list(oof.columns) == ["path", "label", "fold", "prob", "prob_uncalibrated"]
+    assert list(oof.columns) == ["path", "label", "fold", "prob", "prob_uncalibrated", "prob_flip"]
     for k in range(2):
         ckpt = load_checkpoint(real_run / f"fold{k}" / "best.pt")
         temperature = metrics["folds"][k]["temperature"]

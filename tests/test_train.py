@@ -56,7 +56,7 @@ def test_every_output_is_written(tiny_run: tuple[Path, dict], tiny_data: Path) -
     for name in ("confusion_matrix.png", "loss_curves.png", "roc_curve.png"):
         Image.open(run_dir / name).verify()
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
-    assert list(oof.columns) == ["path", "label", "fold", "prob", "prob_uncalibrated"]
+    assert list(oof.columns) == ["path", "label", "fold", "prob", "prob_uncalibrated", "prob_flip"]
     assert sorted(oof["path"]) == sorted(folds["path"])  # every training image predicted exactly once
     assert oof.merge(folds, on=["path", "label", "fold"]).shape[0] == 150  # by the model that never saw it
     on_disk = json.loads((run_dir / "metrics.json").read_text())

@@ -39,6 +39,7 @@ from melanoma.data import ImageDataset, handle_bad_files, load_records, make_loa
 from melanoma.engine import fit, make_loss
 from melanoma.errors import ConfigError, DataError
 from melanoma.fusion import fuse
+from melanoma.inference import load_ensemble, predict_paths, tta_views
 from melanoma.metadata import Kind, MetadataEncoder
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.optim import OptimizerSettings, ScheduleSettings, create_optimizer, create_scheduler
@@ -332,8 +333,45 @@ def cross_validate(records: pd.DataFrame, fold_of: np.ndarray, model_factory: Ca
     return CrossValidation(folds, pd.concat(oof).sort_index(), temperatures)
 
 
+def tta_oof_probs(cv: CrossValidation, records: pd.DataFrame, run_dir: Path, runtime: Runtime,
+                  modes: Sequence[str], batch_size: int = 128,
+                  num_workers: int | str = "auto") -> dict[str, np.ndarray]:
+    """Each fold's validation images scored again by its ``best.pt`` with test-time augmentation.
+
+    The images go through :func:`melanoma.inference.predict_paths`, the path ``melanoma-eval`` takes
+    (files decoded, the run's preprocessing, the fold's temperature, the mean over views), so the
+    thresholds chosen on these probabilities are chosen on predictions made the way evaluation makes them.
+
+    Args:
+        cv: what :func:`cross_validate` returned (its temperatures are not yet in ``best.pt``).
+        records: the training records passed to :func:`cross_validate`, with the metadata columns of fused models.
+        run_dir: the run whose ``fold{k}/best.pt`` score fold ``k`` (their ``config`` names the model, as
+            ``config["model"]["name"]``: pass such a ``config`` to :func:`cross_validate`).
+        modes: TTA modes (``flip``, ``d4``; ``none`` scores without views, as training's validation did).
+        batch_size, num_workers: of the scoring loader.
+
+    Returns:
+        ``{mode: probabilities}``, each aligned with the rows of ``cv.oof``.
+    """
+    modes = list(dict.fromkeys(modes))
+    for mode in modes:
+        tta_views(torch.zeros(1, 1, 2, 2), mode)  # an unknown mode fails before any model is loaded
+    out = {mode: np.full(len(cv.oof), np.nan) for mode in modes}
+    for k, temperature in enumerate(cv.temperatures):
+        rows = np.flatnonzero(cv.oof["fold"].to_numpy() == k)
+        part = records.loc[cv.oof.index[rows]]
+        ensemble = load_ensemble(run_dir / f"fold{k}" / "best.pt", runtime)
+        ensemble.temperatures = [temperature]
+        for mode in modes:
+            out[mode][rows] = predict_paths(ensemble, part["path"].tolist(), runtime, mode, batch_size, num_workers,
+                                            metadata=part, source="the training records")[0]
+        log.info("fold %d: validation scored again with tta %s", k, ", ".join(modes))
+    return out
+
+
 def write_results(cv: CrossValidation, run_dir: Path, model_name: str, operating_point: str = "sens95",
-                  calibration: str = "temperature", monitor: str = "auc", **summary) -> dict:
+                  calibration: str = "temperature", monitor: str = "auc",
+                  tta_probs: Mapping[str, np.ndarray] | None = None, **summary) -> dict:
     """Choose the operating points on the OOF predictions and write ``oof_predictions.csv`` and ``metrics.json``.
 
     The thresholds (and the OOF metrics at each) go into every fold's ``best.pt`` too, where
@@ -346,6 +384,8 @@ def write_results(cv: CrossValidation, run_dir: Path, model_name: str, operating
         operating_point: the threshold eval/predict use by default: ``0.5``, ``youden`` or ``sens95``.
         calibration: ``temperature`` or ``none``, as recorded.
         monitor: the metric that picked each fold's best epoch, as recorded.
+        tta_probs: OOF probabilities with test-time augmentation (:func:`tta_oof_probs`); each mode gets
+            its own thresholds (``thresholds_by_tta``), which eval and predict use under that ``tta``.
         **summary: further plain values for ``metrics.json`` (image counts, skipped files, ...).
 
     Returns:
@@ -355,10 +395,17 @@ def write_results(cv: CrossValidation, run_dir: Path, model_name: str, operating
     mean, std = summarize(cv.folds, (*METRICS, "last_epoch_auc"))
     thresholds = choose_thresholds(oof["label"], oof["prob"])
     at_thresholds = {name: binary_metrics(oof["label"], oof["prob"], t) for name, t in thresholds.items()}
-    write_csv(oof[["path", "label", "fold", "prob", "prob_uncalibrated"]], run_dir / "oof_predictions.csv")
+    tta_probs = {mode: np.asarray(p, dtype=float) for mode, p in (tta_probs or {}).items() if mode != "none"}
+    by_tta = {mode: choose_thresholds(oof["label"], p) for mode, p in tta_probs.items()}
+    at_by_tta = {mode: {name: binary_metrics(oof["label"], tta_probs[mode], t) for name, t in chosen.items()}
+                 for mode, chosen in by_tta.items()}
+    columns = {f"prob_{mode}": p for mode, p in tta_probs.items()}
+    write_csv(oof[["path", "label", "fold", "prob", "prob_uncalibrated"]].assign(**columns),
+              run_dir / "oof_predictions.csv")
     for k, temperature in enumerate(cv.temperatures):
         update_checkpoint(run_dir / f"fold{k}" / "best.pt", thresholds=thresholds, operating_point=operating_point,
-                          temperature=temperature, oof_at_thresholds=at_thresholds)
+                          temperature=temperature, oof_at_thresholds=at_thresholds, thresholds_by_tta=by_tta,
+                          oof_at_thresholds_by_tta=at_by_tta)
     metrics = {
         "model": model_name,
         "threshold": THRESHOLD,
@@ -372,6 +419,8 @@ def write_results(cv: CrossValidation, run_dir: Path, model_name: str, operating
         "calibration": calibration,
         "oof_uncalibrated": binary_metrics(oof["label"], oof["prob_uncalibrated"], THRESHOLD),
         "oof_at_thresholds": at_thresholds,
+        "thresholds_by_tta": by_tta,
+        "oof_at_thresholds_by_tta": at_by_tta,
     } | summary  # no wall time here: a resumed run's metrics.json equals an uninterrupted one's (see history.csv)
     write_json(metrics, run_dir / "metrics.json")
     return metrics

@@ -6,7 +6,7 @@ batch tensor, so an ensemble of three models with 8 views still decodes each JPE
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +73,9 @@ class Ensemble:
         oof_at_thresholds: out-of-fold metrics at each operating point, as training measured them.
         encoders: each fused model's metadata encoding (fitted on its fold's training part); empty for
             image-only models.
+        thresholds_by_tta: operating points chosen on OOF predictions made with each TTA mode
+            (``cv.oof_tta``), ``{mode: {name: threshold}}``; empty for runs without them.
+        oof_at_thresholds_by_tta: the OOF metrics at those, ``{mode: {name: metrics}}``.
     """
 
     models: list[nn.Module]
@@ -84,6 +87,8 @@ class Ensemble:
     temperatures: list[float]
     oof_at_thresholds: dict
     encoders: list[MetadataEncoder] = field(default_factory=list)
+    thresholds_by_tta: dict = field(default_factory=dict)
+    oof_at_thresholds_by_tta: dict = field(default_factory=dict)
 
     @property
     def metadata_columns(self) -> list[str]:
@@ -111,6 +116,23 @@ class Ensemble:
             return [None] * len(self.models)
         edges = np.cumsum([0, *(e.width for e in self.encoders)])
         return [encoded[:, a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+    def for_tta(self, tta: str) -> tuple[Ensemble, str | None]:
+        """The ensemble whose operating points were chosen on OOF predictions made with ``tta``.
+
+        Averaging TTA views moves probabilities towards the middle, so a threshold chosen without
+        them does not keep its sensitivity with them. Returns the ensemble with the matching
+        thresholds and OOF metrics, or, for a run trained without that mode in ``cv.oof_tta``, the
+        ensemble as it is and a one-line warning.
+        """
+        if tta == "none":
+            return self, None
+        if tta in self.thresholds_by_tta:
+            return replace(self, thresholds=dict(self.thresholds_by_tta[tta]),
+                           oof_at_thresholds=dict(self.oof_at_thresholds_by_tta.get(tta, {}))), None
+        return self, (f"tta={tta}: the thresholds of {self.paths[0].parent.parent} were chosen on out-of-fold "
+                      f"predictions without TTA, whose views move probabilities, so the OOF sensitivity may not "
+                      f"hold; train with cv.oof_tta=[{tta}] to choose them with it")
 
     def degenerate_warning(self, name: str, threshold: float) -> str | None:
         """The one-line warning when the named point kept too little OOF specificity, else ``None``."""
@@ -156,7 +178,8 @@ def load_ensemble(ckpt: str | Path, runtime: Runtime) -> Ensemble:
             raise ConfigError(f"{path} has model.fusion={fusion}, {paths[0]} model.fusion={first_fusion}: one "
                               "ensemble reads one kind of input; evaluate them separately")
     return Ensemble(models, paths, first["config"], first["preprocess"], first.get("thresholds", {"0.5": 0.5}),
-                    first.get("operating_point", "0.5"), temperatures, first.get("oof_at_thresholds", {}), encoders)
+                    first.get("operating_point", "0.5"), temperatures, first.get("oof_at_thresholds", {}), encoders,
+                    first.get("thresholds_by_tta") or {}, first.get("oof_at_thresholds_by_tta") or {})
 
 
 def tta_views(images: torch.Tensor, tta: TTA) -> list[torch.Tensor]:

@@ -125,9 +125,11 @@ class RunStacker:
         """``ensemble`` with this stacker's operating points (chosen on the stacked OOF predictions).
 
         The models stay the image models; thresholds, their OOF metrics and so the degenerate-point
-        warning and the promise checks become the stacked model's.
+        warning and the promise checks become the stacked model's. The stacked OOF predictions were
+        made without TTA, so the image models' thresholds per TTA mode are dropped.
         """
-        return replace(ensemble, thresholds=dict(self.thresholds), oof_at_thresholds=dict(self.oof_at_thresholds))
+        return replace(ensemble, thresholds=dict(self.thresholds), oof_at_thresholds=dict(self.oof_at_thresholds),
+                       thresholds_by_tta={}, oof_at_thresholds_by_tta={})
 
 
 def stacker_from_run(run: str | Path, seed: int | None = None) -> RunStacker:

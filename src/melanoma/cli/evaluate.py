@@ -64,6 +64,9 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v not in (None, [])}
     data = ensemble.config["data"] | overrides
     ensemble, stacked = with_stacker(run_dir_of(cfg.ckpt), ensemble, cfg.eval.stack)
+    ensemble, tta_warning = ensemble.for_tta(cfg.eval.tta)  # thresholds chosen on OOF predictions with these views
+    if tta_warning:
+        log.warning("%s", tta_warning)
     chosen_name, chosen = resolve_threshold(cfg.eval.threshold, ensemble)
     if warning := ensemble.degenerate_warning(chosen_name, chosen):
         log.warning("%s", warning)

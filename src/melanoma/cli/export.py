@@ -66,7 +66,9 @@ def _check_images(ensemble: Ensemble, images: str | None, n: int) -> pd.DataFram
 def export_run(cfg: DictConfig, out_dir: Path) -> dict:
     """Export ``cfg.ckpt`` into ``out_dir``; returns ``model.json``'s content."""
     runtime = resolve_runtime("cpu", "fp32", channels_last=False)  # the reference melanoma-eval computes on a CPU
-    ensemble = load_ensemble(cfg.ckpt, runtime)
+    ensemble, tta_warning = load_ensemble(cfg.ckpt, runtime).for_tta(cfg.tta)  # model.json's thresholds: these views'
+    if tta_warning:
+        log.warning("%s", tta_warning)
     sample = _check_images(ensemble, cfg.images, cfg.n_images)
     paths = sample["path"].tolist()
     encoded = ensemble.encode(sample, f"the data of {run_dir_of(cfg.ckpt)}")

@@ -68,6 +68,9 @@ def predict_images(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, cfg.trainer.channels_last)
     ensemble = load_ensemble(cfg.ckpt, runtime)
     ensemble, stacked = with_stacker(run_dir_of(cfg.ckpt), ensemble, cfg.stack)
+    ensemble, tta_warning = ensemble.for_tta(cfg.tta)  # thresholds chosen on OOF predictions with these views
+    if tta_warning:
+        log.warning("%s", tta_warning)
     name, threshold = resolve_threshold(cfg.threshold, ensemble)
     if warning := ensemble.degenerate_warning(name, threshold):
         log.warning("%s", warning)

@@ -132,7 +132,9 @@ TRAINER = {
     "ema_decay": number(0, 1, lo_open=True, hi_open=True) | NULL, "skip_nonfinite": FLAG, **RUNTIME,
 }
 CV = {"folds": integer(2), "seed": integer(0), "group_duplicates": FLAG, "operating_point": choice(*OPERATING_POINTS),
-      "calibration": choice("temperature", "none")}
+      "calibration": choice("temperature", "none"),
+      "oof_tta": Rule(lambda v: isinstance(v, list | tuple) and all(str(m) in TTAS[1:] for m in v),
+                      f"a list of TTA modes from {', '.join(TTAS[1:])} (e.g. [flip], or [] for none)")}
 AUDIT = {"enabled": FLAG, "threshold": integer(0, 143), "workers": integer(1) | NULL,
          "method": choice(*METHODS), "similarity": number(0, 1, lo_open=True)}
 EVAL = {"split": choice(*DATA_SPLITS, "all"), "tta": choice(*TTAS), "threshold": THRESHOLD | NULL,

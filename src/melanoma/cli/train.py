@@ -39,6 +39,7 @@ from melanoma.crossval import (
     cross_validate,
     load_training_set,
     record_run,
+    tta_oof_probs,
     write_results,
 )
 from melanoma.data import load_records, resolve_num_workers, split_records
@@ -88,6 +89,15 @@ def _selection_note(metrics: dict) -> str:
         return ""
     return (f"\nmean AUC at each fold's last epoch: {last:.4f} (the best epochs were chosen on the validation folds "
             f"themselves, so the CV AUC above is optimistic by up to {best - last:+.4f})")
+
+
+def _tta_note(metrics: dict, operating_point: str) -> str:
+    """A line per TTA mode with its own threshold at the operating point, and what it kept out of fold."""
+    lines = [f"\nwith tta={mode} (eval.tta={mode} uses it): {operating_point} threshold "
+             f"{chosen[operating_point]:.3g}, sensitivity {at['sensitivity']:.3f}, specificity {at['specificity']:.3f}"
+             for mode, chosen in metrics.get("thresholds_by_tta", {}).items()
+             if (at := metrics["oof_at_thresholds_by_tta"][mode].get(operating_point))]
+    return "".join(lines)
 
 
 def train(cfg: DictConfig, run_dir: Path, sweep: dict | None = None) -> dict:
@@ -243,7 +253,11 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
         state_extra={"tracking": trackers.ids} if trackers.ids else None)
     if not main:
         return {}
+    # the OOF predictions again with each TTA mode, as melanoma-eval makes them, for thresholds of their own
+    tta_probs = tta_oof_probs(cv, train_set[["path", "label", *metadata]], run_dir, runtime, config["cv"]["oof_tta"],
+                              data["eval_batch_size"] or 2 * data["batch_size"], workers) if cfg.cv.oof_tta else None
     metrics = write_results(cv, run_dir, m["name"], operating_point, cfg.cv.calibration, trainer["monitor"],
+                            tta_probs=tta_probs,
                             n_images=int(len(train_set)), n_positive=int(labels.sum()), n_skipped=len(bad),
                             grouped_folds=bool(keys), group_column=group_column, patients=patients,
                             runtime={"device": runtime.device.type, "precision": runtime.precision,
@@ -257,7 +271,7 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
          + f"\npooled out-of-fold: AUC {metrics['oof']['auc']:.4f}; at the {operating_point} threshold "
          f"{threshold:.3g} sensitivity {at_point['sensitivity']:.3f}, specificity "
          f"{at_point['specificity']:.3f}; {time.perf_counter() - start:.0f} s; outputs in {run_dir}"
-         + _selection_note(metrics))
+         + _selection_note(metrics) + _tta_note(metrics, operating_point))
     warning = degenerate_operating_point(operating_point, threshold, at_point)
     if warning:
         log.warning("%s", warning)

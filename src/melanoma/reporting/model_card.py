@@ -125,6 +125,9 @@ def model_card(run: Run, export: dict | None = None) -> str:
               "out-of-fold (OOF) predictions of the training split, never on the test split: "
               + ", ".join(f"`{name}` = {_f(value, '.4g')}" for name, value in (m.get("thresholds") or {}).items())
               + f"; recommended: `{point}`.",
+              *[f"- Chosen again on OOF predictions with TTA `{mode}` (what `tta={mode}` scores with): "
+                + ", ".join(f"`{name}` = {_f(value, '.4g')}" for name, value in chosen.items()) + "."
+                for mode, chosen in (m.get("thresholds_by_tta") or {}).items()],
               "- Test intervals: stratified bootstrap"
               + (f", {evaluation['bootstrap']['n_resamples']} resamples, {evaluation['bootstrap']['level']:.0%}"
                  if evaluation and evaluation.get("bootstrap") else "") + ".", ""]
