@@ -187,6 +187,7 @@ def test_a_run_recorded_before_keys_were_added_still_resumes(tiny_data: Path, tm
     assert "fusion" not in load_checkpoint(run / "fold0" / "last.pt")["config"]["model"]
     again = train(make_config([*args, f"resume={run}"]), run)
     assert again["folds"] == before["folds"]
+    assert again["thresholds_by_tta"] == before["thresholds_by_tta"] and list(again["thresholds_by_tta"]) == ["flip"]
 
 
 def test_a_resume_whose_folds_came_out_differently_is_refused(tiny_data: Path, tmp_path: Path) -> None:

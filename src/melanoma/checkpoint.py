@@ -149,7 +149,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, epoc
 # runs trained: a run recorded without them is compared (on resume) as if it had recorded these.
 ADDED_KEYS = {"data": {"metadata": [], "group_column": None, "sampler": "shuffle"}, "model": {"fusion": "none"},
               "augmentation": {"vignette": 0.0},
-              "audit": {"method": "phash", "similarity": 0.92}}
+              "audit": {"method": "phash", "similarity": 0.92},
+              # chosen after the folds, without changing training: an older run resumed gets today's default
+              "cv": {"oof_tta": ["flip"]}}
 
 
 def with_added_keys(config: Mapping) -> dict:

@@ -120,8 +120,8 @@ class Ensemble:
     def for_tta(self, tta: str) -> tuple[Ensemble, str | None]:
         """The ensemble whose operating points were chosen on OOF predictions made with ``tta``.
 
-        Averaging TTA views moves probabilities towards the middle, so a threshold chosen without
-        them does not keep its sensitivity with them. Returns the ensemble with the matching
+        Averaging TTA views moves probabilities, so a threshold chosen without them need not keep its
+        out-of-fold sensitivity and specificity with them. Returns the ensemble with the matching
         thresholds and OOF metrics, or, for a run trained without that mode in ``cv.oof_tta``, the
         ensemble as it is and a one-line warning.
         """
@@ -130,7 +130,7 @@ class Ensemble:
         if tta in self.thresholds_by_tta:
             return replace(self, thresholds=dict(self.thresholds_by_tta[tta]),
                            oof_at_thresholds=dict(self.oof_at_thresholds_by_tta.get(tta, {}))), None
-        return self, (f"tta={tta}: the thresholds of {self.paths[0].parent.parent} were chosen on out-of-fold "
+        return self, (f"tta={tta}: the thresholds of {run_dir_of(self.paths[0])} were chosen on out-of-fold "
                       f"predictions without TTA, whose views move probabilities, so the OOF sensitivity may not "
                       f"hold; train with cv.oof_tta=[{tta}] to choose them with it")
 
