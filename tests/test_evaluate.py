@@ -321,3 +321,17 @@ def test_dedup_metrics_leave_out_exactly_the_test_copies_of_train_images(run_dir
     from sklearn.metrics import roc_auc_score
 
     assert auc == pytest.approx(roc_auc_score(kept["label"], kept["prob"]))
+
+
+def test_stacked_thresholds_under_tta_warn_that_none_matches_them(run_dir: Path) -> None:
+    """A stacker's thresholds were chosen without views: under tta=flip the warning says so, and does not tell the
+    user to retrain with cv.oof_tta (which the run already had)."""
+    from melanoma.stacking import RunStacker
+
+    ensemble = load_ensemble(run_dir, CPU)
+    assert ensemble.for_tta("flip")[1] is None and ensemble.for_tta("flip")[0].thresholds_tta == "flip"
+    stacked = RunStacker(None, pd.DataFrame(), {"0.5": 0.5, "sens95": 0.2}, {}, 0, {}).operating_points_of(ensemble)
+    same, warning = stacked.for_tta("flip")
+    assert same.thresholds == {"0.5": 0.5, "sens95": 0.2} and same.thresholds_tta == "none"
+    assert warning.startswith("tta=flip: the stacked thresholds") and "tta=none matches them" in warning
+    assert "cv.oof_tta" not in warning and stacked.for_tta("none") == (stacked, None)

@@ -174,3 +174,23 @@ def test_cli_mistakes_are_one_line_and_leave_nothing(tmp_path: Path, monkeypatch
         err = capsys.readouterr().err
         assert refused.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_card_of_a_flip_evaluation_shows_the_flip_thresholds(run_dir: Path) -> None:
+    """An evaluation with eval.tta=flip scored at the thresholds chosen on flipped OOF predictions: the card's
+    table shows those, beside that evaluation's test values; one without TTA shows the plain set."""
+    from dataclasses import replace
+
+    from melanoma.reporting.model_card import find_run, model_card
+    from melanoma.reporting.runs import Evaluation
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run = find_run(run_dir)
+    for tta, chosen in (("flip", metrics["thresholds_by_tta"]["flip"]), ("none", metrics["thresholds"])):
+        evaluation = json.loads((run_dir / f"eval_{tta}" / "metrics.json").read_text())
+        assert evaluation["thresholds_tta"] == tta and evaluation["threshold"] == pytest.approx(chosen["sens95"])
+        card = model_card(replace(run, evaluation=Evaluation(run_dir / f"eval_{tta}", evaluation)))
+        row = next(line for line in card.splitlines() if line.startswith("| sens95 (recommended) |"))
+        assert row.split(" | ")[1] == f"{chosen['sens95']:.4g}"
+        assert ("with TTA `flip`, as the evaluation scored" in card) == (tta == "flip")
+    assert metrics["thresholds_by_tta"]["flip"]["sens95"] != metrics["thresholds"]["sens95"]

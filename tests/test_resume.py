@@ -177,8 +177,10 @@ def test_a_run_recorded_before_keys_were_added_still_resumes(tiny_data: Path, tm
     run = tmp_path / "run"
     before = train(make_config(args), run)
 
+    added = ADDED_KEYS | {"cv": {"oof_tta": None}}  # oof_tta is not compared on resume at all (NOT_COMPARED)
+
     def older(config: dict) -> dict:
-        return {k: {kk: vv for kk, vv in v.items() if kk not in ADDED_KEYS.get(k, {})} if isinstance(v, dict) else v
+        return {k: {kk: vv for kk, vv in v.items() if kk not in added.get(k, {})} if isinstance(v, dict) else v
                 for k, v in config.items()}
 
     (run / "config.yaml").write_text(yaml.safe_dump(older(yaml.safe_load((run / "config.yaml").read_text()))))
@@ -188,6 +190,8 @@ def test_a_run_recorded_before_keys_were_added_still_resumes(tiny_data: Path, tm
     again = train(make_config([*args, f"resume={run}"]), run)
     assert again["folds"] == before["folds"]
     assert again["thresholds_by_tta"] == before["thresholds_by_tta"] and list(again["thresholds_by_tta"]) == ["flip"]
+    plain = train(make_config([*args, f"resume={run}", "cv.oof_tta=[]"]), run)  # e.g. after the TTA pass failed
+    assert plain["folds"] == before["folds"] and plain["thresholds_by_tta"] == {}
 
 
 def test_a_resume_whose_folds_came_out_differently_is_refused(tiny_data: Path, tmp_path: Path) -> None:

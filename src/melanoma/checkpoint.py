@@ -149,9 +149,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, epoc
 # runs trained: a run recorded without them is compared (on resume) as if it had recorded these.
 ADDED_KEYS = {"data": {"metadata": [], "group_column": None, "sampler": "shuffle"}, "model": {"fusion": "none"},
               "augmentation": {"vignette": 0.0},
-              "audit": {"method": "phash", "similarity": 0.92},
-              # chosen after the folds, without changing training: an older run resumed gets today's default
-              "cv": {"oof_tta": ["flip"]}}
+              "audit": {"method": "phash", "similarity": 0.92}}
 
 
 def with_added_keys(config: Mapping) -> dict:
@@ -164,14 +162,20 @@ def with_added_keys(config: Mapping) -> dict:
     return out
 
 
-# Keys that may change when a run is resumed: where it resumes from, and where it is tracked.
-NOT_COMPARED = ("resume", "logger")
+# Keys that may change when a run is resumed: where it resumes from, where it is tracked, and the TTA
+# modes whose thresholds are chosen after the last fold (they change no fold's training).
+NOT_COMPARED = ("resume", "logger", "cv.oof_tta")
 
 
 def comparable(config: Mapping) -> dict:
     """The parts of a run config that must match for a resume (:data:`NOT_COMPARED` may differ), with the keys
     added since older runs were written counted at the value those runs trained with (:data:`ADDED_KEYS`)."""
-    return {k: v for k, v in with_added_keys(config).items() if k not in NOT_COMPARED}
+    out = {k: v for k, v in with_added_keys(config).items() if k not in NOT_COMPARED}
+    for key in (k for k in NOT_COMPARED if "." in k):
+        group, name = key.split(".", 1)
+        if isinstance(out.get(group), Mapping):
+            out[group] = {k: v for k, v in out[group].items() if k != name}
+    return out
 
 
 _ABSENT = object()

@@ -360,6 +360,9 @@ def tta_oof_probs(cv: CrossValidation, records: pd.DataFrame, run_dir: Path, run
     for k, temperature in enumerate(cv.temperatures):
         rows = np.flatnonzero(cv.oof["fold"].to_numpy() == k)
         part = records.loc[cv.oof.index[rows]]
+        if part["path"].tolist() != cv.oof["path"].iloc[rows].tolist():
+            raise ValueError("records are not the frame passed to cross_validate (their index names other images); "
+                             "pass that frame, with its index")
         ensemble = load_ensemble(run_dir / f"fold{k}" / "best.pt", runtime)
         ensemble.temperatures = [temperature]
         for mode in modes:

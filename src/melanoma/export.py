@@ -274,8 +274,7 @@ def model_description(ensemble: Ensemble, fmt: str, file: str, tta: str, check: 
         "model": ensemble.config["model"]["name"],
         "n_models": len(ensemble.models),
         "tta": tta,
-        # the views of the OOF predictions the thresholds were chosen on (Ensemble.for_tta): this tta, or none
-        "thresholds_tta": tta if tta in ensemble.thresholds_by_tta else "none",
+        "thresholds_tta": ensemble.thresholds_tta,  # the views of the OOF predictions they were chosen on
         "temperatures": list(ensemble.temperatures),
         "thresholds": {name: {"threshold": float(value),
                               **({"oof_sensitivity": oof[name]["sensitivity"],

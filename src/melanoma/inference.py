@@ -76,6 +76,8 @@ class Ensemble:
         thresholds_by_tta: operating points chosen on OOF predictions made with each TTA mode
             (``cv.oof_tta``), ``{mode: {name: threshold}}``; empty for runs without them.
         oof_at_thresholds_by_tta: the OOF metrics at those, ``{mode: {name: metrics}}``.
+        thresholds_tta: the TTA mode of the OOF predictions that ``thresholds`` were chosen on (:meth:`for_tta`).
+        stacked: the thresholds are a metadata stacker's (:meth:`melanoma.stacking.RunStacker.operating_points_of`).
     """
 
     models: list[nn.Module]
@@ -89,6 +91,8 @@ class Ensemble:
     encoders: list[MetadataEncoder] = field(default_factory=list)
     thresholds_by_tta: dict = field(default_factory=dict)
     oof_at_thresholds_by_tta: dict = field(default_factory=dict)
+    thresholds_tta: str = "none"
+    stacked: bool = False
 
     @property
     def metadata_columns(self) -> list[str]:
@@ -122,17 +126,20 @@ class Ensemble:
 
         Averaging TTA views moves probabilities, so a threshold chosen without them need not keep its
         out-of-fold sensitivity and specificity with them. Returns the ensemble with the matching
-        thresholds and OOF metrics, or, for a run trained without that mode in ``cv.oof_tta``, the
-        ensemble as it is and a one-line warning.
+        thresholds and OOF metrics (``thresholds_tta`` set to ``tta``), or, where the run has none for
+        that mode (not in ``cv.oof_tta``, or stacked thresholds), the ensemble as it is and a one-line warning.
         """
         if tta == "none":
             return self, None
         if tta in self.thresholds_by_tta:
-            return replace(self, thresholds=dict(self.thresholds_by_tta[tta]),
+            return replace(self, thresholds=dict(self.thresholds_by_tta[tta]), thresholds_tta=tta,
                            oof_at_thresholds=dict(self.oof_at_thresholds_by_tta.get(tta, {}))), None
+        if self.stacked:
+            return self, (f"tta={tta}: the stacked thresholds were chosen on out-of-fold predictions without TTA, "
+                          "so their OOF sensitivity and specificity may not hold with it; tta=none matches them")
         return self, (f"tta={tta}: the thresholds of {run_dir_of(self.paths[0])} were chosen on out-of-fold "
-                      f"predictions without TTA, whose views move probabilities, so the OOF sensitivity may not "
-                      f"hold; train with cv.oof_tta=[{tta}] to choose them with it")
+                      "predictions without TTA, so their OOF sensitivity and specificity may not hold with it; "
+                      f"train with cv.oof_tta=[{tta}] to choose them with it")
 
     def degenerate_warning(self, name: str, threshold: float) -> str | None:
         """The one-line warning when the named point kept too little OOF specificity, else ``None``."""

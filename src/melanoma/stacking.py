@@ -129,7 +129,7 @@ class RunStacker:
         made without TTA, so the image models' thresholds per TTA mode are dropped.
         """
         return replace(ensemble, thresholds=dict(self.thresholds), oof_at_thresholds=dict(self.oof_at_thresholds),
-                       thresholds_by_tta={}, oof_at_thresholds_by_tta={})
+                       thresholds_by_tta={}, oof_at_thresholds_by_tta={}, thresholds_tta="none", stacked=True)
 
 
 def stacker_from_run(run: str | Path, seed: int | None = None) -> RunStacker:

@@ -147,6 +147,7 @@ def evaluate_run(cfg: DictConfig, out_dir: Path) -> dict:
                       "stratified": True},
         "operating_point": chosen_name,
         "threshold": chosen,
+        "thresholds_tta": ensemble.thresholds_tta,  # the views of the OOF predictions the thresholds were chosen on
         "thresholds": results,
         "promises": held_promises(results, ensemble.oof_at_thresholds),
         "unavailable": unavailable,

@@ -173,7 +173,13 @@ def model_card(run: Run, export: dict | None = None) -> str:
               "| operating point | threshold | OOF sensitivity | OOF specificity | test sensitivity (CI) | "
               "test specificity (CI) |", "| --- | --- | --- | --- | --- | --- |"]
     tested = (evaluation or {}).get("thresholds") or {}
-    for name, value in (m.get("thresholds") or {}).items():
+    views = (evaluation or {}).get("thresholds_tta", "none")  # the evaluation's threshold set: its TTA's, or plain
+    points = (m.get("thresholds_by_tta") or {}).get(views) or m.get("thresholds") or {}
+    at = (m.get("oof_at_thresholds_by_tta") or {}).get(views) or at
+    if views != "none":
+        lines[-2:-2] = [f"Thresholds and OOF values chosen on OOF predictions with TTA `{views}`, as the evaluation "
+                        "scored.", ""]
+    for name, value in points.items():
         test = (tested.get(name) or {}).get("metrics") or {}
         lines.append(f"| {name}{' (recommended)' if name == point else ''} | {_f(value, '.4g')} | "
                      f"{_f((at.get(name) or {}).get('sensitivity'))} | {_f((at.get(name) or {}).get('specificity'))} | "
