@@ -37,10 +37,14 @@ def test_flatten_and_the_final_numbers() -> None:
     metrics = {"mean": {"auc": 0.8, "f1": None}, "std": {"auc": 0.1}, "oof": {"auc": 0.75, "n": 40},
                "thresholds": {"sens95": 0.2},
                "oof_at_thresholds": {"sens95": {"sensitivity": 0.95, "specificity": 0.3}},
+               "thresholds_by_tta": {"flip": {"sens95": 0.25}},
+               "oof_at_thresholds_by_tta": {"flip": {"sens95": {"sensitivity": 0.96, "specificity": 0.28}}},
                "folds": [{"fold": 0, "auc": 0.7, "loss": 0.5, "best_epoch": 2, "temperature": 1.5}]}
     assert final_numbers(metrics) == {"cv/auc_mean": 0.8, "cv/auc_std": 0.1, "oof/auc": 0.75, "oof/n": 40.0,
                                       "oof_sens95/sensitivity": 0.95, "oof_sens95/specificity": 0.3,
-                                      "threshold/sens95": 0.2, "fold0/best_auc": 0.7, "fold0/best_loss": 0.5,
+                                      "threshold/sens95": 0.2, "threshold_flip/sens95": 0.25,
+                                      "oof_flip_sens95/sensitivity": 0.96, "oof_flip_sens95/specificity": 0.28,
+                                      "fold0/best_auc": 0.7, "fold0/best_loss": 0.5,
                                       "fold0/best_epoch": 2.0, "fold0/temperature": 1.5}
 
 
