@@ -39,7 +39,7 @@ from melanoma.data import ImageDataset, handle_bad_files, load_records, make_loa
 from melanoma.engine import fit, make_loss
 from melanoma.errors import ConfigError, DataError
 from melanoma.fusion import fuse
-from melanoma.inference import load_ensemble, predict_paths, tta_views
+from melanoma.inference import load_ensemble, predict_paths
 from melanoma.metadata import Kind, MetadataEncoder
 from melanoma.metrics import METRICS, binary_metrics, choose_thresholds, summarize
 from melanoma.optim import OptimizerSettings, ScheduleSettings, create_optimizer, create_scheduler
@@ -354,8 +354,6 @@ def tta_oof_probs(cv: CrossValidation, records: pd.DataFrame, run_dir: Path, run
         ``{mode: probabilities}``, each aligned with the rows of ``cv.oof``.
     """
     modes = list(dict.fromkeys(modes))
-    for mode in modes:
-        tta_views(torch.zeros(1, 1, 2, 2), mode)  # an unknown mode fails before any model is loaded
     out = {mode: np.full(len(cv.oof), np.nan) for mode in modes}
     for k, temperature in enumerate(cv.temperatures):
         rows = np.flatnonzero(cv.oof["fold"].to_numpy() == k)

@@ -70,17 +70,15 @@ def final_numbers(metrics: Mapping) -> dict[str, float]:
         put(f"cv/{key}_std", value)
     for key, value in (metrics.get("oof") or {}).items():
         put(f"oof/{key}", value)
-    for name, block in (metrics.get("oof_at_thresholds") or {}).items():
-        for key in ("sensitivity", "specificity"):
-            put(f"oof_{name}/{key}", (block or {}).get(key))
-    for name, value in (metrics.get("thresholds") or {}).items():
-        put(f"threshold/{name}", value)
-    for mode, chosen in (metrics.get("thresholds_by_tta") or {}).items():  # cv.oof_tta: the set of each TTA mode
-        for name, value in chosen.items():
-            put(f"threshold_{mode}/{name}", value)
-        for name, block in ((metrics.get("oof_at_thresholds_by_tta") or {}).get(mode) or {}).items():
+    sets = {"": (metrics.get("thresholds"), metrics.get("oof_at_thresholds"))}  # and the set of each cv.oof_tta mode
+    sets |= {f"_{mode}": (chosen, (metrics.get("oof_at_thresholds_by_tta") or {}).get(mode))
+             for mode, chosen in (metrics.get("thresholds_by_tta") or {}).items()}
+    for suffix, (chosen, at) in sets.items():
+        for name, block in (at or {}).items():
             for key in ("sensitivity", "specificity"):
-                put(f"oof_{mode}_{name}/{key}", (block or {}).get(key))
+                put(f"oof{suffix}_{name}/{key}", (block or {}).get(key))
+        for name, value in (chosen or {}).items():
+            put(f"threshold{suffix}/{name}", value)
     for fold in metrics.get("folds") or []:
         for key in ("auc", "loss", "best_epoch", "temperature"):
             put(f"fold{fold['fold']}/best_{key}" if key in ("auc", "loss") else f"fold{fold['fold']}/{key}",

@@ -119,7 +119,9 @@ def model_card(run: Run, export: dict | None = None) -> str:
                + " (see Quantitative analyses)") if evaluation and evaluation.get("subgroups") else
               "- No subgroup results: run `melanoma-eval` on a split with metadata columns.", ""]
 
-    at = m.get("oof_at_thresholds") or {}
+    views = (evaluation or {}).get("thresholds_tta", "none")  # the evaluation's threshold set: its TTA's, or plain
+    points = (m.get("thresholds_by_tta") or {}).get(views) or m.get("thresholds") or {}
+    at = (m.get("oof_at_thresholds_by_tta") or {}).get(views) or m.get("oof_at_thresholds") or {}
     lines += ["## Metrics", "",
               "- ROC AUC, threshold-free. Sensitivity and specificity at operating points chosen on the "
               "out-of-fold (OOF) predictions of the training split, never on the test split: "
@@ -170,15 +172,11 @@ def model_card(run: Run, export: dict | None = None) -> str:
               f"Cross-validation ({len(m.get('folds', []))} folds, threshold 0.5): AUC "
               f"{_f((m.get('mean') or {}).get('auc'))} ± {_f((m.get('std') or {}).get('auc'))}; pooled OOF AUC "
               f"{_f((m.get('oof') or {}).get('auc'))}{_oof_interval(run.dir)}.", "",
+              *([f"Thresholds and OOF values chosen on OOF predictions with TTA `{views}`, as the evaluation "
+                 "scored.", ""] if views != "none" else []),
               "| operating point | threshold | OOF sensitivity | OOF specificity | test sensitivity (CI) | "
               "test specificity (CI) |", "| --- | --- | --- | --- | --- | --- |"]
     tested = (evaluation or {}).get("thresholds") or {}
-    views = (evaluation or {}).get("thresholds_tta", "none")  # the evaluation's threshold set: its TTA's, or plain
-    points = (m.get("thresholds_by_tta") or {}).get(views) or m.get("thresholds") or {}
-    at = (m.get("oof_at_thresholds_by_tta") or {}).get(views) or at
-    if views != "none":
-        lines[-2:-2] = [f"Thresholds and OOF values chosen on OOF predictions with TTA `{views}`, as the evaluation "
-                        "scored.", ""]
     for name, value in points.items():
         test = (tested.get(name) or {}).get("metrics") or {}
         lines.append(f"| {name}{' (recommended)' if name == point else ''} | {_f(value, '.4g')} | "
