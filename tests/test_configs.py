@@ -79,6 +79,8 @@ SCHEMA_ERRORS = [
     ("train", ["data.sampler=balanced", "trainer.pos_weight=auto"],
      r"^data.sampler=balanced and trainer.pos_weight=auto both correct the class imbalance; keep one"),
     ("train", ["augmentation.scale=[0.9,0.2]"], r"augmentation.scale=\[0.9, 0.2\] must be a list \[min, max\]"),
+    ("train", ["augmentation.vignette_radius=[1.3,0.8]"],
+     r"augmentation.vignette_radius=\[1.3, 0.8\] must be a list \[min, max\] of radii in half-sides"),
     ("train", ["augmentation.color_jitter=[0.2,0.2]"], r"color_jitter=\[0.2, 0.2\] must be a list of 4 numbers >= 0"),
     ("train", ["trainer.compile=maybe"], r"trainer.compile='maybe' must be true or false"),
     ("train", ["audit.threshold=200"], r"audit.threshold=200 must be an integer in \[0, 143\]"),

@@ -126,6 +126,21 @@ def test_vignette_blackens_outside_a_random_circle_and_leaves_the_centre() -> No
     assert (batch[drawn] == 0).float().mean(dim=(1, 2, 3)).std() > 0.03  # the radii vary
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_vignette_radius_range_reaches_the_pipeline(on_device: bool) -> None:
+    """augmentation.vignette_radius=[1.2, 1.3]: every vignette darkens the corners only, on both paths."""
+    image = Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8))
+    narrow = {"scale": (1.0, 1.0), "hflip": 0.0, "vignette": 1.0, "vignette_radius": (1.2, 1.3)}
+    out = augmented(make_pipeline(64, (0, 0, 0), (1, 1, 1), on_device=on_device, **narrow), image, 50, seed=0)
+    radius = torch.hypot(*torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")) / 32
+    lo, hi = 1.2 - RandomVignette.EDGE - RandomVignette.SHIFT * 1.5, 1.3 + RandomVignette.SHIFT * 1.5  # shift, fade
+    assert radius[0, 31] < lo  # the edges' midpoints are kept ...
+    assert torch.allclose(out[:, :, radius < lo], torch.tensor(200 / 255), atol=1e-6)
+    assert (out[:, :, radius > hi] == 0).all()  # ... and the corners black on every draw
+    small = make_pipeline(64, (0, 0, 0), (1, 1, 1), on_device=on_device, **narrow | {"vignette_radius": (0.75, 0.8)})
+    assert (augmented(small, image, 50, seed=0)[:, :, radius > 0.8 + RandomVignette.SHIFT * 1.5] == 0).all()
+
+
 def test_preprocessing_is_the_models_unless_the_config_sets_it() -> None:
     model = {"mean": MEAN, "std": STD, "crop_pct": 0.9, "interpolation": "bicubic"}
     pre = resolve_preprocess(100, model)

@@ -148,7 +148,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, epoc
 # Keys added to the run config after runs had been written, with the value that reproduces how those
 # runs trained: a run recorded without them is compared (on resume) as if it had recorded these.
 ADDED_KEYS = {"data": {"metadata": [], "group_column": None, "sampler": "shuffle"}, "model": {"fusion": "none"},
-              "augmentation": {"vignette": 0.0},
+              "augmentation": {"vignette": 0.0, "vignette_radius": [0.75, 1.35]},
               "audit": {"method": "phash", "similarity": 0.92}}
 
 

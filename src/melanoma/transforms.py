@@ -59,8 +59,9 @@ class RandomVignette(nn.Module):
     ones (ISIC UDA-1: 6.4% against 1.1% of the corner pixels are near-black), so a model can learn the
     dark corners as evidence of melanoma (docs/results.md, "Is the demo model looking at the lesion?").
     Drawing synthetic vignettes on benign and malignant images alike takes that cue away. The circle's
-    radius is drawn uniformly in :attr:`RADIUS` (in units of half the image's side: 1 touches the
-    edges' midpoints, sqrt(2) the corners), its centre within :attr:`SHIFT` of the image's, and it
+    radius is drawn uniformly in ``radius`` (in units of half the image's side: 1 touches the
+    edges' midpoints, sqrt(2) the corners; :attr:`RADIUS` by default, ``augmentation.vignette_radius``),
+    its centre within :attr:`SHIFT` of the image's, and it
     fades to black over :attr:`EDGE`. Works on one ``(C, H, W)`` image (the loader's workers) and on a
     ``(B, C, H, W)`` batch on any device (``augmentation.on_device``), each image drawn independently;
     the draws come from torch's CPU generator, so a batch on a GPU needs no sync.
@@ -70,16 +71,17 @@ class RandomVignette(nn.Module):
     SHIFT = 0.08
     EDGE = 0.08
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, radius: Sequence[float] = RADIUS) -> None:
         super().__init__()
         self.p = float(p)
+        self.radius = (float(radius[0]), float(radius[1]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images if images.ndim == 4 else images.unsqueeze(0)
         n, _, height, width = batch.shape
         device = batch.device  # a few numbers per image are drawn on the CPU and copied; the masks are made there
         on = (torch.rand(n) < self.p).to(device)
-        radius = torch.empty(n).uniform_(*self.RADIUS).to(device)
+        radius = torch.empty(n).uniform_(*self.radius).to(device)
         centre = torch.empty(n, 2).uniform_(-self.SHIFT, self.SHIFT).to(device)
         y = (torch.arange(height, device=device) - (height - 1) / 2) / (height / 2)
         x = (torch.arange(width, device=device) - (width - 1) / 2) / (width / 2)
@@ -119,6 +121,7 @@ def build_transforms(
     rotation: float = 0.0,
     color_jitter: Sequence[float] | None = None,
     vignette: float = 0.0,
+    vignette_radius: Sequence[float] = RandomVignette.RADIUS,
     on_device: bool = False,
 ) -> v2.Compose:
     """Build the transform that turns a PIL image into a normalised float tensor.
@@ -146,6 +149,7 @@ def build_transforms(
         rotation: maximal extra rotation in degrees (0 for none).
         color_jitter: brightness, contrast, saturation, hue; ``None`` for none.
         vignette: probability of a synthetic dark vignette (:class:`RandomVignette`; 0 for none).
+        vignette_radius: range ``[min, max]`` of the vignette circle's radius, in half-sides.
         on_device: (training only) leave everything after the crop, normalisation included,
             to the device transform.
 
@@ -173,7 +177,7 @@ def build_transforms(
         if rotation > 0:
             steps.append(v2.RandomRotation(rotation))
         if vignette > 0:
-            steps.append(RandomVignette(vignette))
+            steps.append(RandomVignette(vignette, vignette_radius))
         if color_jitter is not None:
             steps.append(v2.ColorJitter(*color_jitter))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
@@ -191,6 +195,7 @@ def build_device_transform(
     rotation: float = 0.0,
     color_jitter: Sequence[float] | None = None,
     vignette: float = 0.0,
+    vignette_radius: Sequence[float] = RandomVignette.RADIUS,
 ) -> nn.Sequential:
     """The rest of the training recipe after :func:`build_transforms` with ``on_device=True``.
 
@@ -209,7 +214,7 @@ def build_device_transform(
     Args:
         mean, std: per-channel normalisation (in [0, 1] units).
         augment: with ``False`` only scale and normalise.
-        hflip, vflip, rot90, rotation, color_jitter, vignette: as in :func:`build_transforms`.
+        hflip, vflip, rot90, rotation, color_jitter, vignette, vignette_radius: as in :func:`build_transforms`.
 
     Returns:
         A module mapping uint8 batches to normalised float32 batches.
@@ -231,7 +236,7 @@ def build_device_transform(
         if rotation > 0:
             steps.append(K.RandomRotation(rotation, resample="nearest", align_corners=False, p=1.0))
         if vignette > 0:
-            steps.append(RandomVignette(vignette))
+            steps.append(RandomVignette(vignette, vignette_radius))
         if color_jitter is not None:
             steps.append(K.ColorJitter(*color_jitter, p=1.0))
     steps.append(v2.Normalize(list(mean), list(std)))
@@ -324,7 +329,7 @@ def build_pipeline(preprocess: Preprocess, *, name: str = "", on_device: bool = 
     mean, std = list(preprocess.mean), list(preprocess.std)
     device = None
     if on_device:
-        keys = ("augment", "hflip", "vflip", "rot90", "rotation", "color_jitter", "vignette")
+        keys = ("augment", "hflip", "vflip", "rot90", "rotation", "color_jitter", "vignette", "vignette_radius")
         device = build_device_transform(mean=mean, std=std, **{k: recipe[k] for k in keys if k in recipe})
     common = {"mean": mean, "std": std, "crop_pct": preprocess.crop_pct, "interpolation": preprocess.interpolation,
               "resize": preprocess.resize} | recipe

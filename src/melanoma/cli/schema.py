@@ -118,6 +118,8 @@ AUGMENTATION = {
     "scale": Rule(lambda v: numbers(2, 0, 1).check(v) and 0 < v[0] <= v[1],
                   "a list [min, max] with 0 < min <= max <= 1"),
     "hflip": number(0, 1), "vflip": number(0, 1), "rot90": FLAG, "rotation": number(0, 180), "vignette": number(0, 1),
+    "vignette_radius": Rule(lambda v: numbers(2, 0, 2).check(v) and 0 < v[0] <= v[1],
+                            "a list [min, max] of radii in half-sides, 0 < min <= max <= 2 (1.41 reaches the corners)"),
     "color_jitter": numbers(4, 0, None), "on_device": FLAG, "mean": numbers(3, 0, 1) | NULL,
     "std": numbers(3, 0, None) | NULL,
 }
