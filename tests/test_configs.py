@@ -202,6 +202,13 @@ def test_configs_ship_in_the_wheel(tmp_path: Path) -> None:
     assert {"melanoma/configs/hydra/launcher/slurm.yaml", "melanoma/configs/hydra/launcher/parallel.yaml"} <= names
 
 
+TRAIN_GROUPS = {"audit", "augmentation", "cv", "data", "experiment", "hparams", "logger", "model", "optimizer",
+                "recipe", "runtime", "scheduler", "trainer"}
+HELP_GROUPS = {"train": TRAIN_GROUPS, "eval": {"audit", "data", "runtime"}, "predict": {"runtime"},
+               "explain": {"runtime"}, "export": set(), "audit": {"audit", "cv", "data"},
+               "bench": {"augmentation", "data", "experiment", "model", "optimizer", "runtime", "trainer"}}
+
+
 @pytest.mark.parametrize(("command", "module"), [("train", "train"), ("eval", "evaluate"), ("predict", "predict"),
                                                ("explain", "explain"), ("export", "export"), ("audit", "audit"),
                                                ("bench", "bench")])
@@ -215,12 +222,19 @@ def test_help_starts_with_what_the_command_does(command: str, module: str, capsy
     assert text.startswith(f"melanoma-{command}: ") and "powered by Hydra" not in text
     assert text.index("Examples:") < text.index("== Configuration groups ==") < text.index("== Config ==")
     assert text.count(f"melanoma-{command} ") >= 2  # at least two example command lines
+    section = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = {line.split(":")[0] for line in section.splitlines()[3:] if ":" in line and not line.startswith("(")}
+    assert listed == HELP_GROUPS[command]  # only the groups the command takes, not every group of the tree
+    assert "model: efficientnet_b0, efficientnet_lite0" in section if "model" in listed else "model:" not in section
 
 
 @pytest.mark.parametrize(("config", "argv", "message"), [
     ("train", ["model=efficientnetb0"], r"model=efficientnetb0 is not an option of model \(close: efficientnet_b0.*\); "
                                         r"the options are efficientnet_b0, .*resnext101$"),
     ("train", ["trainer.epoch=3"], r"trainer.epoch is not a key of trainer \(close: epochs\); the keys are .*epochs"),
+    ("train", ["augmentaton.vignette=0.5"],  # a typo in the group names the group, not its key
+     r"^augmentaton is not a top-level key \(close: augmentation\); the keys are seed, resume, data,"),
+    ("predict", ["ckpt=RUN", "input=x.jpg", "modle.name=resnet34"], r"^modle is not a top-level key \(close: none"),
     ("train", ["-m", "optimizer.lr=0.1,0.01", "model=resnet34,efficientnetb0"],  # the second value of a sweep
      r"model=efficientnetb0 is not an option of model"),
     ("train", ["optimizer.lr=0.1,0.01"], r"Ambiguous value for argument 'optimizer.lr=0.1,0.01'; .*--multirun"),

@@ -43,6 +43,26 @@ def _output_dir(ckpt: str, out: str | None, name: str) -> str:
 
 
 OmegaConf.register_new_resolver("melanoma_output_dir", _output_dir, replace=True)
+
+
+def _config_groups(config_name: str) -> str:
+    """The help's "Configuration groups" section for one command: only the groups in its own defaults list, with
+    their options (Hydra's ``$APP_CONFIG_GROUPS`` lists every group of the tree, those the command refuses too)."""
+    from pathlib import Path
+
+    import melanoma.configs
+
+    root = Path(melanoma.configs.__file__).parent
+    entries = OmegaConf.load(root / f"{config_name}.yaml").get("defaults", [])
+    groups = sorted(str(key) for entry in entries if isinstance(entry, DictConfig) for key in entry
+                    if not str(key).startswith(("hydra", "override")))
+    lines = [f"{group}: {', '.join(sorted(p.stem for p in (root / group).glob('*.yaml')))}" for group in groups]
+    return "\n".join(["== Configuration groups ==", "Compose your configuration from those groups (group=option)", "",
+                      *(lines or ["(none: every key is in the config below)"])])
+
+
+# ${melanoma_config_groups:NAME}: in each command's hydra.help.template.
+OmegaConf.register_new_resolver("melanoma_config_groups", _config_groups, replace=True)
 OmegaConf.register_new_resolver("melanoma_rank_suffix", lambda: f".rank{_env_rank()}" if _env_rank() else "",
                                 replace=True)
 
@@ -105,12 +125,15 @@ def _composition_error(exc: Exception, config_name: str) -> str:
                 f"the options are {', '.join(options)}")
     unknown = re.search(r"Could not override '([^']+)'", text)
     if unknown:
-        key = unknown.group(1)
-        parent, _, leaf = key.rpartition(".")
         with initialize_config_module("melanoma.configs", version_base="1.3"):
-            node = OmegaConf.select(compose(config_name), parent) if parent else compose(config_name)
+            node = compose(config_name)
+        parts = unknown.group(1).split(".")
+        depth = 0  # name the first part that is missing: augmentaton.vignette is a typo in the group, not the key
+        while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+            node, depth = node[parts[depth]], depth + 1
+        key, parent = ".".join(parts[:depth + 1]), ".".join(parts[:depth])
         keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(leaf, keys, n=3)
+        close = difflib.get_close_matches(parts[depth], keys, n=3)
         where = f"a key of {parent}" if parent else "a top-level key"
         return f"{key} is not {where} (close: {', '.join(close) or 'none'}); the keys are {', '.join(keys)}"
     lines = [line.strip() for line in text.split("Config search path")[0].splitlines()
