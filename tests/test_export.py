@@ -194,3 +194,17 @@ def test_the_card_of_a_flip_evaluation_shows_the_flip_thresholds(run_dir: Path) 
         assert row.split(" | ")[1] == f"{chosen['sens95']:.4g}"
         assert ("with TTA `flip`, as the evaluation scored" in card) == (tta == "flip")
     assert metrics["thresholds_by_tta"]["flip"]["sens95"] != metrics["thresholds"]["sens95"]
+
+
+def test_the_cards_recipe_names_the_vignette_and_counts_epochs(run_dir: Path) -> None:
+    from dataclasses import replace
+
+    from melanoma.reporting.model_card import find_run, model_card
+
+    run = find_run(run_dir)
+    recipe = next(line for line in model_card(run).splitlines() if line.startswith("- Recipe:"))
+    assert "vignette" not in recipe  # the tiny run draws none
+    config = run.config | {"augmentation": run.config["augmentation"] | {"vignette": 0.5, "vignette_radius": [1, 1.35]},
+                           "trainer": run.config["trainer"] | {"epochs": 1}}
+    recipe = next(line for line in model_card(replace(run, config=config)).splitlines() if line.startswith("- Recipe:"))
+    assert recipe.startswith("- Recipe: 1 epoch, batch") and recipe.endswith(", vignette 0.5 (radius 1-1.35)).")

@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from melanoma.errors import ConfigError
-from melanoma.transforms import BatchRandomRot90, RandomRot90, RandomVignette, build_transforms, resolve_preprocess
+from melanoma.transforms import (
+    BatchRandomRot90,
+    RandomRot90,
+    RandomVignette,
+    build_transforms,
+    describe_vignette,
+    resolve_preprocess,
+    vignette_warning,
+)
 
 from conftest import (
     ONE_STEP,
@@ -139,6 +147,16 @@ def test_vignette_radius_range_reaches_the_pipeline(on_device: bool) -> None:
     assert (out[:, :, radius > hi] == 0).all()  # ... and the corners black on every draw
     small = make_pipeline(64, (0, 0, 0), (1, 1, 1), on_device=on_device, **narrow | {"vignette_radius": (0.75, 0.8)})
     assert (augmented(small, image, 50, seed=0)[:, :, radius > 0.8 + RandomVignette.SHIFT * 1.5] == 0).all()
+
+
+def test_the_vignette_is_described_and_a_radius_without_one_warned() -> None:
+    assert describe_vignette({"vignette": 0.0, "vignette_radius": [1.0, 1.35]}) == ""
+    assert describe_vignette({"vignette": 0.5}) == "vignette 0.5 (radius 0.75-1.35)"  # an older run: the old range
+    assert describe_vignette({"vignette": 0.25, "vignette_radius": [1.0, 1.35]}) == "vignette 0.25 (radius 1-1.35)"
+    assert vignette_warning({"vignette": 0.0, "vignette_radius": [0.75, 1.35]}) is None  # the defaults
+    assert vignette_warning({"vignette": 0.5, "vignette_radius": [1.0, 1.35]}) is None
+    assert vignette_warning({"vignette": 0.0, "vignette_radius": [1.0, 1.35]}).startswith(
+        "augmentation.vignette_radius=[1.0, 1.35] does nothing while augmentation.vignette=0: set")
 
 
 def test_preprocessing_is_the_models_unless_the_config_sets_it() -> None:

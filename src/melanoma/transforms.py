@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -92,6 +92,24 @@ class RandomVignette(nn.Module):
         if not batch.is_floating_point():
             out = out.round_().to(batch.dtype)
         return out if images.ndim == 4 else out[0]
+
+
+def describe_vignette(augmentation: Mapping) -> str:
+    """The synthetic vignette of an augmentation config, for logs, titles and model cards: ``""`` when it draws
+    none, else e.g. ``"vignette 0.5 (radius 1.0-1.35)"``."""
+    if not augmentation.get("vignette"):
+        return ""
+    low, high = augmentation.get("vignette_radius") or RandomVignette.RADIUS
+    return f"vignette {augmentation['vignette']:g} (radius {low:g}-{high:g})"
+
+
+def vignette_warning(augmentation: Mapping) -> str | None:
+    """One line when ``vignette_radius`` is set away from its default but ``vignette`` is 0, so it does nothing."""
+    radius = tuple(augmentation.get("vignette_radius") or RandomVignette.RADIUS)
+    if augmentation.get("vignette") or radius == RandomVignette.RADIUS:
+        return None
+    return (f"augmentation.vignette_radius={list(radius)} does nothing while augmentation.vignette=0: "
+            "set augmentation.vignette=P (e.g. 0.5) to draw vignettes on a share P of the training images")
 
 
 def eval_resize(image_size: int, crop_pct: float) -> int:

@@ -60,7 +60,13 @@ from melanoma.plots import plot_run
 from melanoma.provenance import git_commit
 from melanoma.runtime import RUNTIME_KEYS, broadcast, rank0_first, resolve_runtime
 from melanoma.tracking import Trackers, check_settings, tracked
-from melanoma.transforms import build_pipeline, resolve_preprocess, split_augmentation
+from melanoma.transforms import (
+    build_pipeline,
+    describe_vignette,
+    resolve_preprocess,
+    split_augmentation,
+    vignette_warning,
+)
 
 log = logging.getLogger("melanoma.train")
 
@@ -227,9 +233,12 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
     workers = resolve_num_workers(data["num_workers"])
-    log.info("augmentation '%s': %s, %d loader workers", augmentation.get("name"),
+    log.info("augmentation '%s'%s: %s, %d loader workers", augmentation.get("name"),
+             f" + {describe_vignette(augmentation)}" if describe_vignette(augmentation) else "",
              "crops in the workers, the rest batched on the device" if pipeline.device is not None
              else "all in the workers", workers)
+    if main and (warning := vignette_warning(augmentation)):
+        log.warning("%s", warning)
     # Decoded once for all folds and epochs; the default edge keeps validation tensors bit-identical.
     # Under torchrun rank 0 writes the disk cache while the others wait, then they map its file.
     with rank0_first(runtime, enabled=data["cache"] == "disk"):

@@ -30,7 +30,7 @@ from melanoma.plots import (
     save_figure,
 )
 from melanoma.reporting.runs import Run, Skipped
-from melanoma.transforms import build_transforms, split_augmentation
+from melanoma.transforms import build_transforms, describe_vignette, split_augmentation
 
 ACTIVATION_MAPS = Path("explain") / "activation_maps.png"  # where melanoma-explain ckpt=RUN writes
 EXPLAIN_TABLE = Path("explain") / "explain.csv"
@@ -81,7 +81,9 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
     picks = pd.concat([part.sample(min(len(part), n_images // 2 or 1), random_state=0)
                        for _, part in folds.groupby("label")])
     classes = run.config["data"].get("classes") or ["benign", "malignant"]
-    title = title or f"Training augmentation '{recipe}' at {run.config['data']['image_size']} px: {caption(run)}"
+    vignette = f" + {describe_vignette(aug)}" if describe_vignette(aug) else ""
+    title = title or (f"Training augmentation '{recipe}'{vignette} at {run.config['data']['image_size']} px: "
+                      f"{caption(run)}")
     return plot_augmented_samples([load_image(p) for p in picks["path"]], transform, mean, std, path,
                                   n_views=n_views, names=[classes[int(y)] for y in picks["label"]], title=title)
 

@@ -23,6 +23,7 @@ from melanoma.occlusion import occlusion_summary, shortcut_warning
 from melanoma.reporting.figures import OCCLUSION
 from melanoma.reporting.runs import Run, collect
 from melanoma.reporting.tables import format_interval as _ci
+from melanoma.transforms import describe_vignette
 
 NAME = "MODEL_CARD.md"
 SMALL_TEST = 50  # fewer malignant test images than this: the card says the intervals are wide
@@ -66,6 +67,8 @@ def model_card(run: Run, export: dict | None = None) -> str:
     data, model = config.get("data") or {}, config.get("model") or {}
     trainer, cv = config.get("trainer") or {}, config.get("cv") or {}
     aug, opt, sched = config.get("augmentation") or {}, config.get("optimizer") or {}, config.get("scheduler") or {}
+    epochs = f"{trainer.get('epochs', '?')} epoch" + ("" if trainer.get("epochs") == 1 else "s")
+    vignette = f", {describe_vignette(aug)}" if describe_vignette(aug) else ""
     audit = read_json(run.dir / "audit.json")
     origin = read_json(run.dir / PROVENANCE)
     classes = data.get("classes") or ["benign", "malignant"]
@@ -159,14 +162,14 @@ def model_card(run: Run, export: dict | None = None) -> str:
               "- Audit: not run (audit.enabled=false).",
               *([f"- Folds grouped by `{m['group_column']}` (all of a patient's images in one fold)."]
                 if m.get("group_column") else []),
-              f"- Recipe: {trainer.get('epochs', '?')} epochs, batch {data.get('batch_size', '?')}, "
+              f"- Recipe: {epochs}, batch {data.get('batch_size', '?')}, "
               f"{opt.get('name', '?')} lr {opt.get('lr', '?')} (weight decay {opt.get('weight_decay', '?')}"
               + (f", layer decay {opt['layer_decay']}" if opt.get("layer_decay") else "")
               + f"), schedule {sched.get('name', '?')}"
               + (f", EMA {trainer['ema_decay']}" if trainer.get("ema_decay") else "")
               + f"; augmentation `{aug.get('name', '?')}` (crop scale {aug.get('scale')}, flips h {aug.get('hflip')}"
               f" / v {aug.get('vflip')}, rot90 {aug.get('rot90')}, rotation {aug.get('rotation')}, colour jitter "
-              f"{aug.get('color_jitter')}).", ""]
+              f"{aug.get('color_jitter')}{vignette}).", ""]
 
     lines += ["## Quantitative analyses", "",
               f"Cross-validation ({len(m.get('folds', []))} folds, threshold 0.5): AUC "
