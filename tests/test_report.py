@@ -211,3 +211,30 @@ def test_no_runs_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit):  # several PATHs need --out
         main([str(tmp_path), str(tmp_path)])
     assert "--out" in capsys.readouterr().err
+
+
+def test_figure_titles_name_the_run_an_evaluation_scored(tmp_path: Path) -> None:
+    from melanoma.plots import _figure_label
+
+    for folder, metrics, label in [
+        ("run7", {"model": "m"}, "m, trained in run7"),
+        ("eval", {"model": "m", "ckpt": "/x/run7"}, "m, run run7, evaluated in eval"),
+        ("eval2", {"model": "m", "ckpt": "/x/run7/fold1/best.pt"}, "m, run run7/fold1/best.pt, evaluated in eval2"),
+    ]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+        verb = "evaluated" if "ckpt" in metrics else "trained"
+        assert _figure_label(tmp_path / folder, verb) == label
+
+
+def test_a_crashed_runs_last_error_is_shortened_at_a_word(tmp_path: Path) -> None:
+    from melanoma.reporting.runs import last_error
+
+    log = tmp_path / "train.log"
+    log.write_text("[2026-12-04 04:00:00,000][melanoma][INFO] - fold 0\n"
+                   "[2026-12-04 04:00:01,000][melanoma][ERROR] - " + "missing file data.on_bad_file " * 20 + "\n")
+    error = last_error(log)
+    assert error.startswith("missing file data.on_bad_file") and error.endswith(" ...") and len(error) <= 300
+    assert error.removesuffix(" ...").split()[-1] in {"missing", "file", "data.on_bad_file"}  # cut between words
+    log.write_text("[x][melanoma][INFO] - fine\n")
+    assert last_error(log) is None

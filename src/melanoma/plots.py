@@ -282,10 +282,16 @@ def _operating_point(metrics: dict) -> tuple[str, float] | None:
 
 
 def _figure_label(folder: Path, verb: str) -> str:
-    """``model, run folder`` for a figure's title, from the folder's ``metrics.json``."""
+    """``model, run folder`` for a figure's title, from the folder's ``metrics.json``; an evaluation's
+    also names the run it scored (its ``ckpt``), since its own folder is often just ``eval``."""
     metrics = read_json(folder / "metrics.json")
     model = metrics.get("model") or "model not recorded"
-    return f"{model}, {verb} in {folder.name}"
+    label = f"{model}, {verb} in {folder.name}"
+    if metrics.get("ckpt"):
+        ckpt = Path(metrics["ckpt"])
+        scored = ckpt.name if ckpt.suffix != ".pt" else f"{ckpt.parent.parent.name}/{ckpt.parent.name}/{ckpt.name}"
+        label = f"{model}, run {scored}, {verb} in {folder.name}"
+    return label
 
 
 def plot_activation_maps(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path,

@@ -53,6 +53,7 @@ from melanoma.reporting.tables import Report, display_rows, format_cell
 
 A4 = (11.69, 8.27)  # landscape, inches
 TITLE_CHARS = 110  # a page title longer than this wraps onto a second line
+NBSP = "\u00a0"  # a space that textwrap does not break at
 SKIPPED_ON_TITLE = 12  # lines of "skipped" that the title page holds; more get a page of their own
 TABLE_ROWS = 18
 TOP_ROC = 5
@@ -199,7 +200,8 @@ def _file_or_redrawn(run: Run, name: str, tmp: Path) -> Path | None:
 def _run_page(run: Run, row: pd.Series) -> Figure:
     fmt = format_cell
     fig = _page(f"{run.label}: {row['model']}, lr {fmt(row['lr'], 'g')}, batch size {fmt(row['batch_size'], 'g')}; "
-                f"CV AUC {fmt(row['auc_mean'])} ± {fmt(row['auc_std'])}, best epochs {row['best_epochs']}")
+                f"CV AUC {fmt(row['auc_mean'])} ± {fmt(row['auc_std'])}, "
+                f"best epochs {str(row['best_epochs']).replace(' ', NBSP)}")  # the list is never split by the wrap
     evaluation = run.evaluation
     axes = fig.subplots(1, 3 if evaluation else 2, width_ratios=[1.5, 1.15, 1.15][:3 if evaluation else 2])
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +68,14 @@ def _candidates(root: Path):
 
 
 def last_error(log: Path) -> str | None:
-    """The last error line of a training log, without its timestamp prefix."""
+    """The last error line of a training log, without its timestamp prefix, shortened at a word to 300 characters."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return None
     errors = [ln for ln in lines if "ERROR" in ln or "error:" in ln or "Error" in ln]
-    return re.sub(r"^(\[[^]]*\])+\s*-?\s*", "", errors[-1]).strip()[:200] if errors else None
+    line = re.sub(r"^(\[[^]]*\])+\s*-?\s*", "", errors[-1]).strip() if errors else ""
+    return textwrap.shorten(line, 300, placeholder=" ...") or None
 
 
 def _unknown_interpolations(tree: dict) -> dict:
