@@ -238,3 +238,33 @@ def test_a_crashed_runs_last_error_is_shortened_at_a_word(tmp_path: Path) -> Non
     assert error.removesuffix(" ...").split()[-1] in {"missing", "file", "data.on_bad_file"}  # cut between words
     log.write_text("[x][melanoma][INFO] - fine\n")
     assert last_error(log) is None
+
+
+def test_confusion_matrices_are_drawn_at_the_runs_operating_point(runs: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrices sit beside ROC and calibration plots that mark the operating point, and beside the test
+    split's matrix at it: they use it too, not 0.5 (where a calibrated model may call nothing malignant)."""
+    import melanoma.plots as plots
+    import melanoma.reporting.figures as figures
+    from melanoma.reporting.model_card import find_run
+
+    drawn = []
+
+    def record(labels, probs, path, threshold, title) -> None:
+        drawn.append((Path(path).parent.name, threshold, title))
+
+    monkeypatch.setattr(plots, "plot_confusion_matrix", record)
+    monkeypatch.setattr(figures, "plot_confusion_matrix", record)
+    alone = shutil.copytree(runs / "sweep" / "1", tmp_path / "alone")
+    metrics = _metrics(runs, "sweep/1")
+    point, threshold = metrics["operating_point"], metrics["thresholds"][metrics["operating_point"]]
+    assert point == "sens95" and threshold != 0.5
+    plots.plot_run(alone)
+    assert [d[:2] for d in drawn] == [("alone", threshold), ("fold0", threshold), ("fold1", threshold)]
+    assert all(f"{point} threshold {threshold:.3g}" in title for _, _, title in drawn)
+    drawn.clear()
+    plots.plot_run(alone, threshold=0.5)  # a caller's own threshold stands
+    assert {d[1] for d in drawn} == {0.5} and "sens95" not in drawn[0][2]
+    drawn.clear()
+    figures.write_figures(find_run(alone), tmp_path / "figures")  # the run has no evaluation: out of fold
+    assert drawn[0][1] == threshold and drawn[0][2].startswith(f"Out-of-fold predictions, {point} threshold")

@@ -233,12 +233,17 @@ def plot_evaluation(eval_dir: str | Path, threshold: float, threshold_name: str)
     return written
 
 
-def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
+def plot_run(run_dir: str | Path, threshold: float | None = None) -> list[Path]:
     """Redraw every figure of a training run from its files.
 
     Writes ``confusion_matrix.png`` (pooled out-of-fold), ``fold{k}/confusion_matrix.png``,
     ``loss_curves.png`` (the kept epochs marked), ``roc_curve.png`` (pooled and per fold) and
     ``calibration.png``, with the run's operating point marked.
+
+    Args:
+        run_dir: the training run.
+        threshold: of the confusion matrices; ``None`` is the run's operating point (the one its ROC and
+            calibration plots mark, and ``melanoma-predict`` applies), or 0.5 for a run without one.
 
     Returns:
         The paths written.
@@ -249,13 +254,17 @@ def plot_run(run_dir: str | Path, threshold: float = 0.5) -> list[Path]:
     name = _figure_label(run_dir, "trained")
     written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png",
                run_dir / "calibration.png"]
-    point = _operating_point(metrics)
+    point = run_operating_point(metrics)
+    if threshold is None:
+        label, threshold = (f"{point[0]} ", point[1]) if point else ("", 0.5)
+    else:
+        label = ""
     plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
-                          title=f"Out-of-fold, threshold {threshold:g}\n{name}")
+                          title=f"Out-of-fold, {label}threshold {threshold:.3g}\n{name}")
     for fold, part in oof.groupby("fold"):
         fold_dir = run_dir / f"fold{fold}"
         plot_confusion_matrix(part["label"], part["prob"], fold_dir / "confusion_matrix.png", threshold,
-                              title=f"Fold {fold} validation\n{name}")
+                              title=f"Fold {fold} validation, {label}threshold {threshold:.3g}\n{name}")
         written.append(fold_dir / "confusion_matrix.png")
     best = {f["fold"]: f["best_epoch"] for f in metrics.get("folds", []) if "best_epoch" in f}
     plot_loss_curves(read_histories(run_dir), written[1], f"Loss per fold (star: the epoch kept)\n{name}", best)
@@ -269,13 +278,13 @@ def plot_run_roc(run_dir: str | Path, path: str | Path, title: str | None = None
     """The out-of-fold ROC of a run (pooled in black, one curve per fold) with its operating point marked."""
     run_dir = Path(run_dir)
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
-    point = _operating_point(read_json(run_dir / "metrics.json"))
+    point = run_operating_point(read_json(run_dir / "metrics.json"))
     curves = {"pooled out-of-fold": (oof["label"], oof["prob"])}
     curves |= {f"fold {k}": (part["label"], part["prob"]) for k, part in oof.groupby("fold")}
     plot_roc(curves, path, title or f"ROC curve, out-of-fold\n{_figure_label(run_dir, 'trained')}", point)
 
 
-def _operating_point(metrics: dict) -> tuple[str, float] | None:
+def run_operating_point(metrics: dict) -> tuple[str, float] | None:
     """``(name, threshold)`` of a run's chosen operating point, from its ``metrics.json``."""
     name = metrics.get("operating_point")
     return (name, metrics["thresholds"][name]) if name in metrics.get("thresholds", {}) else None

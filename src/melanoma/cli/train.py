@@ -273,7 +273,7 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
                                      "channels_last": runtime.channels_last},  # what `auto` resolved to here
                             skipped_files=[{"path": p, "reason": r} for p, r in bad])
     record_run(run_dir, config, preprocess.to_dict())
-    plot_run(run_dir, THRESHOLD)
+    plot_run(run_dir)  # confusion matrices at the operating point the ROC and calibration plots mark
     at_point, threshold = metrics["oof_at_thresholds"][operating_point], metrics["thresholds"][operating_point]
     _say(f"\n{m['name']}, {cfg.cv.folds}-fold cross-validation (threshold {THRESHOLD}):\n"
          + _format_table(metrics["folds"], metrics["mean"], metrics["std"])

@@ -27,6 +27,7 @@ from melanoma.plots import (
     plot_loss_curves,
     plot_run_roc,
     read_histories,
+    run_operating_point,
     save_figure,
 )
 from melanoma.reporting.runs import Run, Skipped
@@ -124,7 +125,7 @@ def write_figures(run: Run, out: Path) -> list[Skipped]:
     """The README's figures of one run, each titled with the data it shows.
 
     Writes ``sample_augmented.png``, ``loss_curve.png``, ``roc_curve.png``, ``confusion_matrix.png`` (test split at
-    the evaluation's operating point, else out-of-fold at 0.5) and ``activation_map.png`` (from
+    the evaluation's operating point, else out-of-fold at the run's) and ``activation_map.png`` (from
     ``melanoma-explain``) into ``out``.
 
     Returns:
@@ -145,9 +146,10 @@ def write_figures(run: Run, out: Path) -> list[Skipped]:
             e = run.evaluation.metrics
             pred, threshold = pd.read_csv(run.evaluation.dir / "predictions.csv"), e["threshold"]
             title = f"Test split ({len(pred)} images), {e['operating_point']} threshold {threshold:.3g}"
-        else:
-            pred, threshold = pd.read_csv(run.dir / "oof_predictions.csv"), 0.5
-            title = "Out-of-fold predictions, threshold 0.5"
+        else:  # the operating point a user of the run would apply, as the test split's matrix
+            pred = pd.read_csv(run.dir / "oof_predictions.csv")
+            point, threshold = run_operating_point(run.metrics) or ("", 0.5)
+            title = f"Out-of-fold predictions, {point + ' ' if point else ''}threshold {threshold:.3g}"
         title += "\n" + caption(run, sep="\n")
         plot_confusion_matrix(pred["label"], pred["prob"], path, threshold, title=title)
 
