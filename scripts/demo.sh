@@ -11,7 +11,10 @@ run=outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)
 cat <<NEXT
 
 Next steps on this run:
-  .venv/bin/melanoma-eval ckpt=$run hydra.run.dir=$run/eval                 # the held-out test split, with CIs
-  .venv/bin/melanoma-explain ckpt=$run                                        # Grad-CAM maps of test lesions
-  .venv/bin/melanoma-report $run                                              # report.pdf and results.md
+  # the held-out test split, with CIs
+  .venv/bin/melanoma-eval ckpt=$run hydra.run.dir=$run/eval
+  # Grad-CAM maps of test lesions, and the occlusion test
+  .venv/bin/melanoma-explain ckpt=$run
+  # report.pdf, results.md and the model card
+  .venv/bin/melanoma-report $run
 NEXT

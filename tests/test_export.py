@@ -100,6 +100,7 @@ def test_model_json_and_the_card_name_the_runs_numbers(run_dir: Path, tmp_path: 
     # the newest test evaluation under the run is the card's (eval_d4, written last), and its TTA is named
     evaluation = json.loads((run_dir / "eval_d4" / "metrics.json").read_text())
     assert "the test numbers below are melanoma-eval's with TTA d4, not none" in card
+    assert f"melanoma-eval ckpt={run_dir} eval.tta=d4 hydra.run.dir={run_dir / 'eval_d4'}\n" in card  # reproduced
     auc = evaluation["thresholds"]["sens95"]["metrics"]["auc"]
     assert f"Test AUC {auc['value']:.3f} [{auc['ci'][0]:.3f}, {auc['ci'][1]:.3f}]" in card
     sens = evaluation["thresholds"]["sens95"]["metrics"]["sensitivity"]

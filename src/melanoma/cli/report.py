@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: the PATH, when only one is given)")
     parser.add_argument("--figures", type=Path, metavar="DIR",
                         help="also write the best run's figures as PNGs (sample_augmented, loss_curve, "
-                             "confusion_matrix, activation_map) into DIR, captioned with their data")
+                             "roc_curve, confusion_matrix, activation_map) into DIR, captioned with their data")
     args = parser.parse_args(argv)
     if args.out is None and len(args.paths) > 1:
         parser.error("several PATHs given: name the output folder with --out DIR")

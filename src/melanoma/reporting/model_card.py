@@ -61,6 +61,17 @@ def find_run(path: str | Path, evaluations: tuple[str | Path, ...] = ()) -> Run:
     raise DataError(f"{path} is not a finished melanoma-train run ({reasons}); point it at a run directory")
 
 
+def _evaluation_overrides(run: Run) -> str:
+    """The keys that reproduce the card's evaluation, where it is (`hydra.run.dir`) and how it scored."""
+    if not run.evaluation:
+        return ""
+    e = run.evaluation.metrics
+    keys = [f"eval.tta={e['tta']}" if e.get("tta") not in (None, "none") else "",
+            f"eval.split={e['split']}" if e.get("split") not in (None, "test") else "",
+            f"hydra.run.dir={run.evaluation.dir}"]
+    return "".join(f" {k}" for k in keys if k)
+
+
 def model_card(run: Run, export: dict | None = None) -> str:
     """The card of ``run`` as markdown; ``export`` is an export's ``model.json``, to describe that file too."""
     m, config = run.metrics, run.config
@@ -143,8 +154,8 @@ def model_card(run: Run, export: dict | None = None) -> str:
                   f"{evaluation.get('n_images')} images, {evaluation.get('n_positive')} {classes[1]}; evaluated "
                   f"in `{run.evaluation.dir}` with TTA {evaluation.get('tta')}.", ""]
     else:
-        lines += ["- Not evaluated on a test split yet: run `melanoma-eval ckpt=RUN` (its output is found under "
-                  "the run or under outputs/eval).", ""]
+        lines += [f"- Not evaluated on a test split yet: run `melanoma-eval ckpt={run.dir}` (its output is found "
+                  "under the run or under outputs/eval).", ""]
 
     counts = audit.get("counts") or {}
     lines += ["## Training data", "",
@@ -251,7 +262,7 @@ def model_card(run: Run, export: dict | None = None) -> str:
     lines += ["## How to reproduce", "", "```",
               f"melanoma-train {' '.join(run.overrides)}".rstrip() if recorded else
               "# the run was not started by melanoma-train (no .hydra/overrides.yaml): its every key is in config.yaml",
-              f"melanoma-eval ckpt={run.dir}", "```", "",
+              f"melanoma-eval ckpt={run.dir}{_evaluation_overrides(run)}", "```", "",
               f"at commit {origin.get('commit') or '(not recorded: provenance.json is missing)'}"
               f"{' plus uncommitted changes' if origin.get('dirty') else ''}; the resolved config is "
               f"`{run.dir / 'config.yaml'}`{trained_in}.", ""]
