@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -148,6 +151,28 @@ def test_missing_data_is_named_before_any_weights_are_fetched(tmp_path: Path) ->
     with pytest.raises(DataError, match=r"data.root=.*nonexistent is not a folder"):
         train(make_config([f"data.root={tmp_path / 'nonexistent'}", "model=efficientnet_b0"]), tmp_path / "run")
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing of a run was written
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("train", ["data=folder", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder; set data.root=PATH"),
+    ("train", ["data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not exist; point it at"),
+    ("evaluate", ["ckpt={tmp}", "data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not"),
+    ("evaluate", ["ckpt={tmp}", "data=folder", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder"),
+])
+def test_a_missing_data_path_is_one_line_before_the_output_folder(command: str, args: list[str], message: str,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    if command == "evaluate":  # a run folder that holds checkpoints, so the data is what gets named
+        (tmp_path / "fold0").mkdir()
+        (tmp_path / "fold0" / "best.pt").write_bytes(b"")
+    out = tmp_path / "out"
+    argv = [a.format(tmp=tmp_path) for a in args] + [f"hydra.run.dir={out}"]
+    monkeypatch.setattr(sys, "argv", [f"melanoma-{command}", *argv])
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module(f"melanoma.cli.{command}").main()
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err) and not out.exists()
 
 
 def test_a_run_directory_has_one_owner(tiny_data: Path, tmp_path: Path) -> None:

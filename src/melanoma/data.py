@@ -77,11 +77,33 @@ def _class_folders(root: Path, classes: tuple[str, str], split: str, strict: boo
     return rows
 
 
+def check_location(layout: str | None, root: str | Path | None, manifest: str | Path | None,
+                   require_root: bool = True) -> None:
+    """What :func:`load_records` checks before it reads anything: a ``csv`` manifest is a file, a ``kaggle`` or
+    ``folder`` root a folder. The CLIs call it before Hydra creates their output folder.
+
+    Args:
+        layout: ``kaggle``, ``folder`` or ``csv``; ``None`` checks a manifest if one is given.
+        root: the dataset folder.
+        manifest: the CSV file (``csv`` only).
+        require_root: a missing ``root`` is an error (``False``: another config supplies it, as for
+            ``melanoma-eval``, where the run's own data fills the keys left out).
+
+    Raises:
+        DataError: the manifest or the folder does not exist.
+    """
+    if manifest is not None and layout in ("csv", None) and not Path(manifest).expanduser().is_file():
+        raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
+    if layout in ("kaggle", "folder") and (root is not None or require_root) and not (
+            root is not None and Path(root).expanduser().is_dir()):
+        raise DataError(f"data.root={root} is not a folder; set data.root=PATH to the dataset, "
+                        "or try the real demo set shipped with melanoma: data=demo")
+
+
 def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
                    columns: Sequence[str] = ()) -> list[dict]:
     """Records of a CSV manifest with ``path,label``, an optional ``split`` column and the extra ``columns``."""
-    if not manifest.is_file():
-        raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
+    check_location("csv", root, manifest)
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     for column in ("path", "label"):
         if column not in table.columns:
@@ -168,9 +190,7 @@ def load_records(
                           f"that holds those columns (data.layout={layout} has none)")
     if layout not in ("kaggle", "folder"):
         raise ConfigError(f"data.layout={layout!r} is not one of kaggle, folder, csv")
-    if root is None or not Path(root).expanduser().is_dir():
-        raise DataError(f"data.root={root} is not a folder; set data.root=PATH to the dataset, "
-                        "or try the real demo set shipped with melanoma: data=demo")
+    check_location(layout, root, None)
     root = Path(root).expanduser()
     if layout == "folder":
         rows = _class_folders(root, classes, "train", strict)

@@ -23,7 +23,7 @@ from melanoma.checkpoint import write_csv, write_json
 from melanoma.cli import check_overrides
 from melanoma.compare import paired_auc_difference
 from melanoma.confidence import RANKING_METRICS, THRESHOLD_METRICS, held_promises, metrics_with_ci
-from melanoma.data import load_eval_set, training_images
+from melanoma.data import check_location, load_eval_set, training_images
 from melanoma.errors import DataError, report_user_errors
 from melanoma.inference import find_checkpoints, load_ensemble, predict_paths, resolve_threshold, run_dir_of
 from melanoma.metadata import parse_columns
@@ -228,9 +228,17 @@ def _hydra_main(cfg: DictConfig) -> None:
     report_user_errors("melanoma-eval", evaluate_run, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
+def _preflight(cfg: DictConfig) -> None:
+    """Paths checked before the output folder exists: the checkpoints, and the data the overrides point at (keys
+    left out come from the run's own data)."""
+    find_checkpoints(cfg.ckpt)
+    if cfg.data is not None:
+        check_location(cfg.data.get("layout"), cfg.data.get("root"), cfg.data.get("manifest"), require_root=False)
+
+
 def main() -> None:
     """Console entry point ``melanoma-eval``."""
-    check_overrides("melanoma-eval", "eval", preflight=lambda cfg: find_checkpoints(cfg.ckpt))
+    check_overrides("melanoma-eval", "eval", preflight=_preflight)
     _hydra_main()
 
 

@@ -42,7 +42,7 @@ from melanoma.crossval import (
     tta_oof_probs,
     write_results,
 )
-from melanoma.data import load_records, resolve_num_workers, split_records
+from melanoma.data import check_location, load_records, resolve_num_workers, split_records
 from melanoma.errors import (
     ConfigError,
     TrainingInterrupted,
@@ -313,10 +313,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return objective(metrics, cfg.trainer.monitor)
 
 
+def _preflight(cfg: DictConfig) -> None:
+    """Mistakes found before the run folder exists (one line, nothing left behind): a logger whose package is
+    missing, a data folder or manifest that does not exist."""
+    check_settings(_loggers(cfg))
+    if not cfg.data.synthetic:  # generated data writes its own folder
+        check_location(cfg.data.layout, cfg.data.root, cfg.data.manifest)
+
+
 def main() -> None:
     """Console entry point ``melanoma-train``."""
-    check_overrides("melanoma-train", "train",  # a logger whose package is missing: one line, no run folder
-                    preflight=lambda cfg: check_settings(_loggers(cfg)))
+    check_overrides("melanoma-train", "train", preflight=_preflight)
     _hydra_main()
 
 
