@@ -156,6 +156,7 @@ def test_missing_data_is_named_before_any_weights_are_fetched(tmp_path: Path) ->
 @pytest.mark.parametrize(("command", "args", "message"), [
     ("train", ["data=folder", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder; set data.root=PATH"),
     ("train", ["data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not exist; point it at"),
+    ("train", ["data=csv"], r"data=csv needs data.manifest=PATH to a CSV with path,label\[,split\] columns"),
     ("evaluate", ["ckpt={tmp}", "data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not"),
     ("evaluate", ["ckpt={tmp}", "data=folder", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder"),
 ])

@@ -78,7 +78,7 @@ def _class_folders(root: Path, classes: tuple[str, str], split: str, strict: boo
 
 
 def check_location(layout: str | None, root: str | Path | None, manifest: str | Path | None,
-                   require_root: bool = True) -> None:
+                   complete: bool = True) -> None:
     """What :func:`load_records` checks before it reads anything: a ``csv`` manifest is a file, a ``kaggle`` or
     ``folder`` root a folder. The CLIs call it before Hydra creates their output folder.
 
@@ -86,15 +86,18 @@ def check_location(layout: str | None, root: str | Path | None, manifest: str | 
         layout: ``kaggle``, ``folder`` or ``csv``; ``None`` checks a manifest if one is given.
         root: the dataset folder.
         manifest: the CSV file (``csv`` only).
-        require_root: a missing ``root`` is an error (``False``: another config supplies it, as for
-            ``melanoma-eval``, where the run's own data fills the keys left out).
+        complete: the keys must name the data on their own, so a missing manifest or root is an error
+            (``False``: another config fills the keys left out, as the run's own data does for ``melanoma-eval``).
 
     Raises:
+        ConfigError: ``csv`` without a manifest (with ``complete``).
         DataError: the manifest or the folder does not exist.
     """
+    if layout == "csv" and manifest is None and complete:
+        raise ConfigError("data=csv needs data.manifest=PATH to a CSV with path,label[,split] columns")
     if manifest is not None and layout in ("csv", None) and not Path(manifest).expanduser().is_file():
         raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
-    if layout in ("kaggle", "folder") and (root is not None or require_root) and not (
+    if layout in ("kaggle", "folder") and (root is not None or complete) and not (
             root is not None and Path(root).expanduser().is_dir()):
         raise DataError(f"data.root={root} is not a folder; set data.root=PATH to the dataset, "
                         "or try the real demo set shipped with melanoma: data=demo")
@@ -102,8 +105,8 @@ def check_location(layout: str | None, root: str | Path | None, manifest: str | 
 
 def _read_manifest(manifest: Path, root: Path | None, classes: tuple[str, str],
                    columns: Sequence[str] = ()) -> list[dict]:
-    """Records of a CSV manifest with ``path,label``, an optional ``split`` column and the extra ``columns``."""
-    check_location("csv", root, manifest)
+    """Records of a CSV manifest with ``path,label``, an optional ``split`` column and the extra ``columns``
+    (:func:`check_location` has found the file)."""
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     for column in ("path", "label"):
         if column not in table.columns:
@@ -180,8 +183,7 @@ def load_records(
     if len(classes) != 2:
         raise ConfigError(f"data.classes={list(classes)} must name exactly two classes, negative first")
     if layout == "csv":
-        if manifest is None:
-            raise ConfigError("data=csv needs data.manifest=PATH to a CSV with path,label[,split] columns")
+        check_location("csv", root, manifest)
         rows = _read_manifest(Path(manifest).expanduser(), Path(root).expanduser() if root else None, classes,
                               columns)
         return pd.DataFrame(rows, columns=["path", "label", "split", *columns])

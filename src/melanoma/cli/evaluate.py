@@ -233,7 +233,7 @@ def _preflight(cfg: DictConfig) -> None:
     left out come from the run's own data)."""
     find_checkpoints(cfg.ckpt)
     if cfg.data is not None:
-        check_location(cfg.data.get("layout"), cfg.data.get("root"), cfg.data.get("manifest"), require_root=False)
+        check_location(cfg.data.get("layout"), cfg.data.get("root"), cfg.data.get("manifest"), complete=False)
 
 
 def main() -> None:
