@@ -235,6 +235,7 @@ def test_help_starts_with_what_the_command_does(command: str, module: str, capsy
     ("train", ["augmentaton.vignette=0.5"],  # a typo in the group names the group, not its key
      r"^augmentaton is not a top-level key \(close: augmentation\); the keys are seed, resume, data,"),
     ("predict", ["ckpt=RUN", "input=x.jpg", "modle.name=resnet34"], r"^modle is not a top-level key \(close: none"),
+    ("train", ["data.root.x=1"], r"^data.root is a value, not a group of keys: set data.root=VALUE, not data.root.x$"),
     ("train", ["-m", "optimizer.lr=0.1,0.01", "model=resnet34,efficientnetb0"],  # the second value of a sweep
      r"model=efficientnetb0 is not an option of model"),
     ("train", ["optimizer.lr=0.1,0.01"], r"Ambiguous value for argument 'optimizer.lr=0.1,0.01'; .*--multirun"),

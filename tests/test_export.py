@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -209,3 +210,18 @@ def test_the_cards_recipe_names_the_vignette_and_counts_epochs(run_dir: Path) ->
                            "trainer": run.config["trainer"] | {"epochs": 1}}
     recipe = next(line for line in model_card(replace(run, config=config)).splitlines() if line.startswith("- Recipe:"))
     assert recipe.startswith("- Recipe: 1 epoch, batch") and recipe.endswith(", vignette 0.5 (radius 1-1.35)).")
+
+
+def test_the_cards_reproduce_step_replays_the_evaluations_own_command_line(run_dir: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from melanoma.reporting.model_card import find_run, model_card
+    from melanoma.reporting.runs import Evaluation
+
+    evaluated = shutil.copytree(run_dir / "eval_flip", tmp_path / "eval_cli")
+    (evaluated / ".hydra").mkdir(exist_ok=True)
+    (evaluated / ".hydra" / "overrides.yaml").write_text(
+        "- ckpt=somewhere\n- eval.tta=flip\n- eval.threshold=youden\n- hydra.run.dir=elsewhere\n")
+    evaluation = json.loads((evaluated / "metrics.json").read_text())
+    card = model_card(replace(find_run(run_dir), evaluation=Evaluation(evaluated, evaluation)))
+    assert f"melanoma-eval ckpt={run_dir} eval.tta=flip eval.threshold=youden hydra.run.dir={evaluated}\n" in card

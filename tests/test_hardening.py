@@ -159,6 +159,7 @@ def test_missing_data_is_named_before_any_weights_are_fetched(tmp_path: Path) ->
     ("train", ["data=csv"], r"data=csv needs data.manifest=PATH to a CSV with path,label\[,split\] columns"),
     ("evaluate", ["ckpt={tmp}", "data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not"),
     ("evaluate", ["ckpt={tmp}", "data=folder", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder"),
+    ("evaluate", ["ckpt={tmp}", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder"),  # no data=
 ])
 def test_a_missing_data_path_is_one_line_before_the_output_folder(command: str, args: list[str], message: str,
                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -174,6 +175,18 @@ def test_a_missing_data_path_is_one_line_before_the_output_folder(command: str, 
     err = capsys.readouterr().err
     assert refused.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err) and not out.exists()
+
+
+def test_eval_leaves_generated_data_to_the_generator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data=synthetic names a cache folder that the evaluation writes itself: not refused for being absent yet."""
+    from melanoma.cli.evaluate import _preflight
+
+    monkeypatch.setenv("MELANOMA_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "run" / "fold0").mkdir(parents=True)
+    (tmp_path / "run" / "fold0" / "best.pt").write_bytes(b"")
+    _preflight(make_config([f"ckpt={tmp_path / 'run'}", "data=synthetic"], "eval"))  # no error
+    with pytest.raises(DataError, match=r"data.root=.*nothere is not a folder"):
+        _preflight(make_config([f"ckpt={tmp_path / 'run'}", f"data.root={tmp_path / 'nothere'}"], "eval"))
 
 
 def test_a_run_directory_has_one_owner(tiny_data: Path, tmp_path: Path) -> None:

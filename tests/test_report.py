@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -220,6 +221,8 @@ def test_figure_titles_name_the_run_an_evaluation_scored(tmp_path: Path) -> None
         ("run7", {"model": "m"}, "m, trained in run7"),
         ("eval", {"model": "m", "ckpt": "/x/run7"}, "m, run run7, evaluated in eval"),
         ("eval2", {"model": "m", "ckpt": "/x/run7/fold1/best.pt"}, "m, run run7/fold1/best.pt, evaluated in eval2"),
+        ("eval3", {"model": "m", "ckpt": "fold1/best.pt"}, "m, run fold1/best.pt, evaluated in eval3"),  # relative
+        ("eval4", {"model": "m", "ckpt": "."}, "m, run ., evaluated in eval4"),
     ]:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
@@ -268,3 +271,19 @@ def test_confusion_matrices_are_drawn_at_the_runs_operating_point(runs: Path, tm
     drawn.clear()
     figures.write_figures(find_run(alone), tmp_path / "figures")  # the run has no evaluation: out of fold
     assert drawn[0][1] == threshold and drawn[0][2].startswith(f"Out-of-fold predictions, {point} threshold")
+
+
+def test_a_run_page_title_keeps_its_best_epochs_on_one_line(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import melanoma.reporting.pdf as pdf
+    from melanoma.reporting.model_card import find_run
+
+    titles = []
+    monkeypatch.setattr(pdf, "TITLE_CHARS", 40)  # narrow enough to wrap inside the list
+    real_page = pdf._page
+    monkeypatch.setattr(pdf, "_page", lambda title: titles.append(title) or real_page(title))
+    run = find_run(runs / "sweep" / "1")
+    row = pd.Series({"model": "m", "lr": 0.01, "batch_size": 16, "auc_mean": 0.8, "auc_std": 0.01,
+                     "best_epochs": "3, 3, 2"})
+    pdf._run_page(run, row)
+    wrapped = textwrap.wrap(titles[0], 40)
+    assert any("3,\u00a03,\u00a02" in line for line in wrapped)

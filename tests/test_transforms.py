@@ -205,3 +205,11 @@ def test_a_record_from_before_resize_was_recorded_evaluates_as_it_trained() -> N
     new = resolve_preprocess(32, {"mean": MEAN, "std": STD, "crop_pct": 0.875, "interpolation": "bicubic"})
     assert eval_transform(new.to_dict()).transforms[1].size == [36] == [new.resize]
     assert eval_transform(new.to_dict() | {"resize": 40}).transforms[1].size == [40]  # the record wins
+
+
+def test_no_vignette_is_described_where_augment_is_off() -> None:
+    """augmentation=none augmentation.vignette=0.5 draws nothing: augment=false skips every training step."""
+    assert describe_vignette({"augment": False, "vignette": 0.5}) == ""
+    pipeline = make_pipeline(32, (0, 0, 0), (1, 1, 1), augment=False, vignette=1.0)
+    image = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
+    assert (pipeline.train(image) > 0.7).all()  # no black corners

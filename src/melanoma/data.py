@@ -79,8 +79,8 @@ def _class_folders(root: Path, classes: tuple[str, str], split: str, strict: boo
 
 def check_location(layout: str | None, root: str | Path | None, manifest: str | Path | None,
                    complete: bool = True) -> None:
-    """What :func:`load_records` checks before it reads anything: a ``csv`` manifest is a file, a ``kaggle`` or
-    ``folder`` root a folder. The CLIs call it before Hydra creates their output folder.
+    """What :func:`load_records` checks before it reads anything: a ``csv`` manifest is a file, and a root is a
+    folder (required for ``kaggle`` and ``folder``). The CLIs call it before Hydra creates their output folder.
 
     Args:
         layout: ``kaggle``, ``folder`` or ``csv``; ``None`` checks a manifest if one is given.
@@ -97,8 +97,8 @@ def check_location(layout: str | None, root: str | Path | None, manifest: str | 
         raise ConfigError("data=csv needs data.manifest=PATH to a CSV with path,label[,split] columns")
     if manifest is not None and layout in ("csv", None) and not Path(manifest).expanduser().is_file():
         raise DataError(f"data.manifest={manifest} does not exist; point it at a CSV with path,label columns")
-    if layout in ("kaggle", "folder") and (root is not None or complete) and not (
-            root is not None and Path(root).expanduser().is_dir()):
+    if (root is not None and not Path(root).expanduser().is_dir()) or (
+            root is None and complete and layout in ("kaggle", "folder")):
         raise DataError(f"data.root={root} is not a folder; set data.root=PATH to the dataset, "
                         "or try the real demo set shipped with melanoma: data=demo")
 

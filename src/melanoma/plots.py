@@ -298,7 +298,7 @@ def _figure_label(folder: Path, verb: str) -> str:
     label = f"{model}, {verb} in {folder.name}"
     if metrics.get("ckpt"):
         ckpt = Path(metrics["ckpt"])
-        scored = ckpt.name if ckpt.suffix != ".pt" else f"{ckpt.parent.parent.name}/{ckpt.parent.name}/{ckpt.name}"
+        scored = "/".join(ckpt.parts[-3:] if ckpt.suffix == ".pt" else ckpt.parts[-1:]) or metrics["ckpt"]
         label = f"{model}, run {scored}, {verb} in {folder.name}"
     return label
 

@@ -96,8 +96,8 @@ class RandomVignette(nn.Module):
 
 def describe_vignette(augmentation: Mapping) -> str:
     """The synthetic vignette of an augmentation config, for logs, titles and model cards: ``""`` when it draws
-    none, else e.g. ``"vignette 0.5 (radius 1.0-1.35)"``."""
-    if not augmentation.get("vignette"):
+    none (``vignette`` 0, or ``augment`` false), else e.g. ``"vignette 0.5 (radius 1.0-1.35)"``."""
+    if not augmentation.get("vignette") or augmentation.get("augment") is False:
         return ""
     low, high = augmentation.get("vignette_radius") or RandomVignette.RADIUS
     return f"vignette {augmentation['vignette']:g} (radius {low:g}-{high:g})"

@@ -129,7 +129,10 @@ def _composition_error(exc: Exception, config_name: str) -> str:
             node = compose(config_name)
         parts = unknown.group(1).split(".")
         depth = 0  # name the first part that is missing: augmentaton.vignette is a typo in the group, not the key
-        while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+        while depth < len(parts) - 1 and parts[depth] in list(node.keys()):
+            if OmegaConf.is_missing(node, parts[depth]) or not isinstance(node[parts[depth]], DictConfig):
+                value = ".".join(parts[:depth + 1])
+                return f"{value} is a value, not a group of keys: set {value}=VALUE, not {unknown.group(1)}"
             node, depth = node[parts[depth]], depth + 1
         key, parent = ".".join(parts[:depth + 1]), ".".join(parts[:depth])
         keys = [str(k) for k in node] if isinstance(node, DictConfig) else []

@@ -232,7 +232,7 @@ def _preflight(cfg: DictConfig) -> None:
     """Paths checked before the output folder exists: the checkpoints, and the data the overrides point at (keys
     left out come from the run's own data)."""
     find_checkpoints(cfg.ckpt)
-    if cfg.data is not None:
+    if cfg.data is not None and not cfg.data.get("synthetic"):  # generated data writes its own folder
         check_location(cfg.data.get("layout"), cfg.data.get("root"), cfg.data.get("manifest"), complete=False)
 
 

@@ -233,8 +233,8 @@ def _train(cfg: DictConfig, run_dir: Path, trackers: Trackers) -> dict:
              len(train_set), labels.sum(), cfg.cv.folds, len(bad))
 
     workers = resolve_num_workers(data["num_workers"])
-    log.info("augmentation '%s'%s: %s, %d loader workers", augmentation.get("name"),
-             f" + {describe_vignette(augmentation)}" if describe_vignette(augmentation) else "",
+    vignette = f" + {drawn}" if (drawn := describe_vignette(augmentation)) else ""
+    log.info("augmentation '%s'%s: %s, %d loader workers", augmentation.get("name"), vignette,
              "crops in the workers, the rest batched on the device" if pipeline.device is not None
              else "all in the workers", workers)
     if main and (warning := vignette_warning(augmentation)):

@@ -82,7 +82,7 @@ def augmentation_samples(run: Run, path: Path | None = None, n_images: int = 4, 
     picks = pd.concat([part.sample(min(len(part), n_images // 2 or 1), random_state=0)
                        for _, part in folds.groupby("label")])
     classes = run.config["data"].get("classes") or ["benign", "malignant"]
-    vignette = f" + {describe_vignette(aug)}" if describe_vignette(aug) else ""
+    vignette = f" + {drawn}" if (drawn := describe_vignette(aug)) else ""
     title = title or (f"Training augmentation '{recipe}'{vignette} at {run.config['data']['image_size']} px: "
                       f"{caption(run)}")
     return plot_augmented_samples([load_image(p) for p in picks["path"]], transform, mean, std, path,

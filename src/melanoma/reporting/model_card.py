@@ -21,7 +21,7 @@ from melanoma.confidence import metrics_with_ci
 from melanoma.errors import DataError
 from melanoma.occlusion import occlusion_summary, shortcut_warning
 from melanoma.reporting.figures import OCCLUSION
-from melanoma.reporting.runs import Run, collect
+from melanoma.reporting.runs import Run, collect, read_overrides
 from melanoma.reporting.tables import format_interval as _ci
 from melanoma.transforms import describe_vignette
 
@@ -62,14 +62,17 @@ def find_run(path: str | Path, evaluations: tuple[str | Path, ...] = ()) -> Run:
 
 
 def _evaluation_overrides(run: Run) -> str:
-    """The keys that reproduce the card's evaluation, where it is (`hydra.run.dir`) and how it scored."""
+    """The keys that reproduce the card's evaluation: its own command line where Hydra recorded it
+    (``.hydra/overrides.yaml``), else its TTA; then where it sits (``hydra.run.dir``)."""
     if not run.evaluation:
         return ""
-    e = run.evaluation.metrics
-    keys = [f"eval.tta={e['tta']}" if e.get("tta") not in (None, "none") else "",
-            f"eval.split={e['split']}" if e.get("split") not in (None, "test") else "",
-            f"hydra.run.dir={run.evaluation.dir}"]
-    return "".join(f" {k}" for k in keys if k)
+    recorded = read_overrides(run.evaluation.dir)
+    if recorded is not None:
+        keys = [k for k in recorded if not k.startswith(("ckpt=", "hydra.run.dir="))]
+    else:
+        tta = run.evaluation.metrics.get("tta")
+        keys = [f"eval.tta={tta}"] if tta not in (None, "none") else []
+    return "".join(f" {k}" for k in [*keys, f"hydra.run.dir={run.evaluation.dir}"])
 
 
 def model_card(run: Run, export: dict | None = None) -> str:
@@ -79,7 +82,7 @@ def model_card(run: Run, export: dict | None = None) -> str:
     trainer, cv = config.get("trainer") or {}, config.get("cv") or {}
     aug, opt, sched = config.get("augmentation") or {}, config.get("optimizer") or {}, config.get("scheduler") or {}
     epochs = f"{trainer.get('epochs', '?')} epoch" + ("" if trainer.get("epochs") == 1 else "s")
-    vignette = f", {describe_vignette(aug)}" if describe_vignette(aug) else ""
+    vignette = f", {drawn}" if (drawn := describe_vignette(aug)) else ""
     audit = read_json(run.dir / "audit.json")
     origin = read_json(run.dir / PROVENANCE)
     classes = data.get("classes") or ["benign", "malignant"]

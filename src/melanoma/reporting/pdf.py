@@ -40,6 +40,7 @@ from melanoma.plots import (
     plot_optimization_history,
     plot_subgroups,
     read_histories,
+    run_operating_point,
 )
 from melanoma.reporting.figures import (
     ACTIVATION_MAPS,
@@ -191,7 +192,9 @@ def _file_or_redrawn(run: Run, name: str, tmp: Path) -> Path | None:
             plot_loss_curves(histories, tmp / name)
         else:
             oof = pd.read_csv(run.dir / "oof_predictions.csv")
-            plot_confusion_matrix(oof["label"], oof["prob"], tmp / name, 0.5, title="Out-of-fold, threshold 0.5")
+            point, threshold = run_operating_point(run.metrics) or ("", 0.5)  # as plot_run draws it
+            plot_confusion_matrix(oof["label"], oof["prob"], tmp / name, threshold,
+                                  title=f"Out-of-fold, {point + ' ' if point else ''}threshold {threshold:.3g}")
     except FIGURE_ERRORS:
         return None
     return tmp / name

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +66,24 @@ def _candidates(root: Path):
             yield Path(here)
 
 
+ERROR_CHARS = 300  # of a crashed run's last error, as the report lists it
+
+
 def last_error(log: Path) -> str | None:
-    """The last error line of a training log, without its timestamp prefix, shortened at a word to 300 characters."""
+    """The last error line of a training log, without its timestamp prefix, cut to 300 characters (at a space
+    in the second half, else where the limit falls)."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return None
     errors = [ln for ln in lines if "ERROR" in ln or "error:" in ln or "Error" in ln]
-    line = re.sub(r"^(\[[^]]*\])+\s*-?\s*", "", errors[-1]).strip() if errors else ""
-    return textwrap.shorten(line, 300, placeholder=" ...") or None
+    if not errors:
+        return None
+    line = re.sub(r"^(\[[^]]*\])+\s*-?\s*", "", errors[-1]).strip()
+    if len(line) <= ERROR_CHARS:
+        return line
+    cut = line[:ERROR_CHARS - 4]
+    return (cut[:cut.rfind(" ")] if cut.rfind(" ") > ERROR_CHARS // 2 else cut) + " ..."
 
 
 def _unknown_interpolations(tree: dict) -> dict:
@@ -104,10 +112,14 @@ def _load_config(run_dir: Path) -> tuple[dict, list[str]]:
             if path.parent == hydra_dir:
                 config = _unknown_interpolations(config)
             break
-    overrides = []
-    if (hydra_dir / "overrides.yaml").is_file():
-        overrides = [str(o) for o in yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []]
-    return config, overrides
+    return config, read_overrides(run_dir) or []
+
+
+def read_overrides(folder: Path) -> list[str] | None:
+    """The command-line overrides Hydra recorded for the command that wrote ``folder`` (``.hydra/overrides.yaml``),
+    or ``None`` where it recorded none (the command was called from Python)."""
+    path = folder / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else None
 
 
 def _evaluated_run(evaluation: Evaluation, runs: dict[Path, Run]) -> Run | None:
