@@ -255,16 +255,12 @@ def plot_run(run_dir: str | Path, threshold: float | None = None) -> list[Path]:
     written = [run_dir / "confusion_matrix.png", run_dir / "loss_curves.png", run_dir / "roc_curve.png",
                run_dir / "calibration.png"]
     point = run_operating_point(metrics)
-    if threshold is None:
-        label, threshold = (f"{point[0]} ", point[1]) if point else ("", 0.5)
-    else:
-        label = ""
-    plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold,
-                          title=f"Out-of-fold, {label}threshold {threshold:.3g}\n{name}")
+    threshold, words = matrix_threshold(metrics) if threshold is None else (threshold, f"threshold {threshold:.3g}")
+    plot_confusion_matrix(oof["label"], oof["prob"], written[0], threshold, title=f"Out-of-fold, {words}\n{name}")
     for fold, part in oof.groupby("fold"):
         fold_dir = run_dir / f"fold{fold}"
         plot_confusion_matrix(part["label"], part["prob"], fold_dir / "confusion_matrix.png", threshold,
-                              title=f"Fold {fold} validation, {label}threshold {threshold:.3g}\n{name}")
+                              title=f"Fold {fold} validation, {words}\n{name}")
         written.append(fold_dir / "confusion_matrix.png")
     best = {f["fold"]: f["best_epoch"] for f in metrics.get("folds", []) if "best_epoch" in f}
     plot_loss_curves(read_histories(run_dir), written[1], f"Loss per fold (star: the epoch kept)\n{name}", best)
@@ -288,6 +284,13 @@ def run_operating_point(metrics: dict) -> tuple[str, float] | None:
     """``(name, threshold)`` of a run's chosen operating point, from its ``metrics.json``."""
     name = metrics.get("operating_point")
     return (name, metrics["thresholds"][name]) if name in metrics.get("thresholds", {}) else None
+
+
+def matrix_threshold(metrics: dict) -> tuple[float, str]:
+    """The threshold a run's out-of-fold confusion matrices are drawn at, and its words for their titles: the run's
+    operating point (``"sens95 threshold 0.0946"``), or 0.5 for a run without one."""
+    name, threshold = run_operating_point(metrics) or ("", 0.5)
+    return threshold, f"{name + ' ' if name else ''}threshold {threshold:.3g}"
 
 
 def _figure_label(folder: Path, verb: str) -> str:

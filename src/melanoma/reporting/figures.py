@@ -22,12 +22,12 @@ from melanoma.errors import MelanomaError
 from melanoma.gradcam import attention_summary
 from melanoma.occlusion import occlusion_summary
 from melanoma.plots import (
+    matrix_threshold,
     plot_augmented_samples,
     plot_confusion_matrix,
     plot_loss_curves,
     plot_run_roc,
     read_histories,
-    run_operating_point,
     save_figure,
 )
 from melanoma.reporting.runs import Run, Skipped
@@ -148,8 +148,8 @@ def write_figures(run: Run, out: Path) -> list[Skipped]:
             title = f"Test split ({len(pred)} images), {e['operating_point']} threshold {threshold:.3g}"
         else:  # the operating point a user of the run would apply, as the test split's matrix
             pred = pd.read_csv(run.dir / "oof_predictions.csv")
-            point, threshold = run_operating_point(run.metrics) or ("", 0.5)
-            title = f"Out-of-fold predictions, {point + ' ' if point else ''}threshold {threshold:.3g}"
+            threshold, words = matrix_threshold(run.metrics)
+            title = f"Out-of-fold predictions, {words}"
         title += "\n" + caption(run, sep="\n")
         plot_confusion_matrix(pred["label"], pred["prob"], path, threshold, title=title)
 

@@ -35,12 +35,12 @@ from sklearn.metrics import RocCurveDisplay
 import melanoma
 from melanoma.checkpoint import atomic_path
 from melanoma.plots import (
+    matrix_threshold,
     plot_confusion_matrix,
     plot_loss_curves,
     plot_optimization_history,
     plot_subgroups,
     read_histories,
-    run_operating_point,
 )
 from melanoma.reporting.figures import (
     ACTIVATION_MAPS,
@@ -192,9 +192,8 @@ def _file_or_redrawn(run: Run, name: str, tmp: Path) -> Path | None:
             plot_loss_curves(histories, tmp / name)
         else:
             oof = pd.read_csv(run.dir / "oof_predictions.csv")
-            point, threshold = run_operating_point(run.metrics) or ("", 0.5)  # as plot_run draws it
-            plot_confusion_matrix(oof["label"], oof["prob"], tmp / name, threshold,
-                                  title=f"Out-of-fold, {point + ' ' if point else ''}threshold {threshold:.3g}")
+            threshold, words = matrix_threshold(run.metrics)  # as plot_run draws it
+            plot_confusion_matrix(oof["label"], oof["prob"], tmp / name, threshold, title=f"Out-of-fold, {words}")
     except FIGURE_ERRORS:
         return None
     return tmp / name
