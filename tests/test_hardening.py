@@ -155,6 +155,7 @@ def test_missing_data_is_named_before_any_weights_are_fetched(tmp_path: Path) ->
 
 @pytest.mark.parametrize(("command", "args", "message"), [
     ("train", ["data=folder", "data.root={tmp}/nothere"], r"data.root=.*nothere is not a folder; set data.root=PATH"),
+    ("train", ["-m", "data=folder", "data.root={tmp},{tmp}/nothere"], r"data.root=.*nothere is not a folder"),  # sweep
     ("train", ["data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not exist; point it at"),
     ("train", ["data=csv"], r"data=csv needs data.manifest=PATH to a CSV with path,label\[,split\] columns"),
     ("evaluate", ["ckpt={tmp}", "data=csv", "data.manifest={tmp}/none.csv"], r"data.manifest=.*none.csv does not"),
@@ -168,7 +169,7 @@ def test_a_missing_data_path_is_one_line_before_the_output_folder(command: str, 
         (tmp_path / "fold0").mkdir()
         (tmp_path / "fold0" / "best.pt").write_bytes(b"")
     out = tmp_path / "out"
-    argv = [a.format(tmp=tmp_path) for a in args] + [f"hydra.run.dir={out}"]
+    argv = [a.format(tmp=tmp_path) for a in args] + [f"hydra.run.dir={out}", f"hydra.sweep.dir={out}"]
     monkeypatch.setattr(sys, "argv", [f"melanoma-{command}", *argv])
     with pytest.raises(SystemExit) as refused:
         importlib.import_module(f"melanoma.cli.{command}").main()

@@ -221,11 +221,14 @@ def test_divergence_stops_the_fold_with_the_way_out(tiny_data: Path, tmp_path: P
 @pytest.mark.slow  # a 4-point sweep in a CLI process: the slow tier
 def test_a_sweep_records_each_point_and_goes_on_past_failing_and_diverging_ones(tiny_data: Path,
                                                                               tmp_path: Path) -> None:
-    # 2 x 2 points: a missing data root fails at once, lr 1e8 diverges, only (tiny_data, 0.01) trains
-    result = _cli("-m", f"data.root={tmp_path / 'missing'},{tiny_data}", "optimizer.lr=1e8,0.01", *TINY,
+    # 2 x 2 points: a data root with no images fails at once, lr 1e8 diverges, only (tiny_data, 0.01) trains.
+    # (A data root that does not exist is refused before the sweep starts: see test_hardening.)
+    (tmp_path / "empty").mkdir()
+    result = _cli("-m", f"data.root={tmp_path / 'empty'},{tiny_data}", "optimizer.lr=1e8,0.01", *TINY,
                   "trainer.epochs=1", "optimizer=sgd", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode != 0  # the sweep reports its failed points ...
-    assert "melanoma-train: error: data.root=" in result.stderr and "lower optimizer.lr" in result.stderr
+    assert f"melanoma-train: error: {tmp_path / 'empty'} has no" in result.stderr, result.stderr
+    assert "lower optimizer.lr" in result.stderr
     finished = []
     for job in range(4):
         job_dir = tmp_path / "sweep" / str(job)
