@@ -61,7 +61,7 @@ def _config_groups(config_name: str) -> str:
                       *(lines or ["(none: every key is in the config below)"])])
 
 
-# ${melanoma_config_groups:NAME}: in each command's hydra.help.template.
+# ${melanoma_config_groups:NAME}: in the help template every command shares (configs/hydra/help/melanoma.yaml).
 OmegaConf.register_new_resolver("melanoma_config_groups", _config_groups, replace=True)
 OmegaConf.register_new_resolver("melanoma_rank_suffix", lambda: f".rank{_env_rank()}" if _env_rank() else "",
                                 replace=True)
