@@ -370,3 +370,17 @@ def test_a_resume_whose_preprocessing_resolves_differently_is_refused(tiny_data:
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing rewritten
     (run / "preprocess.json").write_text(json.dumps(recorded))
     assert train(make_config([*args, f"resume={run}"]), run)["folds"]  # the same preprocessing resumes
+
+
+def test_worker_deaths_are_quieted_with_a_python_handler_not_sig_dfl() -> None:
+    """A SIGCHLD pending under torch's handler would raise 'Signal 17 ignored due to race condition' if the
+    handler were SIG_DFL by the time Python runs it (a flaky Ctrl-C traceback); a no-op handler never raises."""
+    from melanoma.errors import ignore_signal, quiet_worker_deaths
+
+    previous = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    try:
+        quiet_worker_deaths()
+        assert signal.getsignal(signal.SIGCHLD) is ignore_signal
+        os.kill(os.getpid(), signal.SIGCHLD)  # handled by the no-op: nothing raised, nothing printed
+    finally:
+        signal.signal(signal.SIGCHLD, previous)

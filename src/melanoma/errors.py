@@ -69,7 +69,16 @@ def quiet_worker_deaths() -> None:
     report as a failure (a traceback on the way out). On the way out that death is expected.
     """
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, ignore_signal)
+
+
+def ignore_signal(signum: int, frame: object) -> None:
+    """A Python handler that does nothing, in place of ``SIG_DFL`` for SIGCHLD (whose default is to ignore it).
+
+    A SIGCHLD that arrived while torch's handler was installed runs its Python handler a moment later; if the
+    handler is ``SIG_DFL`` by then, CPython raises ``OSError: Signal 17 ignored due to race condition`` from
+    whatever line runs (seen from ``child.kill()`` on the way out of a Ctrl-C). A no-op handler has no such race.
+    """
 
 
 # The stop a signal handler raised, kept until its catch_stop_signals block ends: Python prints and ignores an
