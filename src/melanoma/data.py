@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from melanoma.errors import ConfigError, DataError, ignore_signal
+from melanoma.errors import ConfigError, DataError, quiet_worker_deaths
 from melanoma.synthetic import generate_dataset
 
 log = logging.getLogger(__name__)
@@ -469,15 +469,15 @@ def _kill_loader_workers() -> None:
     (:func:`_ignore_stop_signals`). This runs inside that handler, before its wait (a finalizer
     of priority 100; so also in a Hydra joblib worker process that imported this module), and
     kills them outright: they hold nothing that needs saving. torch's SIGCHLD handler, which would
-    report each killed worker as a failure, is replaced by a no-op first. No other daemonic
+    report each killed worker as a failure, is replaced by a no-op first
+    (:func:`melanoma.errors.quiet_worker_deaths`). No other daemonic
     child exists in this package; a ``multiprocessing.Pool`` alive at exit would lose its workers
     the same way.
     """
     workers = [child for child in multiprocessing.active_children() if child.daemon]
     if not workers:
         return
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGCHLD, ignore_signal)  # not SIG_DFL: see ignore_signal
+    quiet_worker_deaths()
     for child in workers:
         child.kill()
         child.join(timeout=5)
