@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -384,3 +385,15 @@ def test_worker_deaths_are_quieted_with_a_python_handler_not_sig_dfl() -> None:
         os.kill(os.getpid(), signal.SIGCHLD)  # handled by the no-op: nothing raised, nothing printed
     finally:
         signal.signal(signal.SIGCHLD, previous)
+
+
+def test_a_loader_worker_reports_errors_but_not_a_lost_connection_to_the_stopped_main_process() -> None:
+    """The resource sharer reports through sys.excepthook: a reset connection (the main process stopped
+    mid-handshake) is left out, any other error still reaches stderr. In a child process: it swaps hooks."""
+    code = ("import sys; from melanoma.data import _ignore_stop_signals; _ignore_stop_signals(0)\n"
+            "for exc in (ConnectionResetError(104, 'reset by peer'), EOFError(), ValueError('a real error')):\n"
+            "    sys.excepthook(type(exc), exc, None)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ValueError: a real error" in result.stderr
+    assert "ConnectionResetError" not in result.stderr and "EOFError" not in result.stderr

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -448,6 +449,13 @@ def _quiet_lost_connection(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
+def _quiet_lost_connection_report(exc_type: type[BaseException], value: BaseException, tb: object) -> None:
+    # The resource sharer's thread catches its own errors and reports them through sys.excepthook, not
+    # threading.excepthook (multiprocessing/resource_sharer.py, _serve).
+    if not issubclass(exc_type, (ConnectionError, EOFError)):
+        sys.__excepthook__(exc_type, value, tb)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore SIGINT and SIGTERM: a terminal's Ctrl-C, ``timeout`` and SLURM preemption signal
     the whole process group, and stopping is the main process's job (it shuts its workers down).
@@ -458,6 +466,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.excepthook = _quiet_lost_connection
+    sys.excepthook = _quiet_lost_connection_report
 
 
 def _kill_loader_workers() -> None:
